@@ -1,0 +1,156 @@
+"""A hospital: Flower ClientApp (Message API) that trains and evaluates locally.
+
+Everything the hospital needs reaches it through the message (the resolved scenario as
+YAML text in the ConfigRecord) and its Context (``partition-id`` = hospital index, optional
+``data-path`` in deployment). The scenario's task is built once per process and cached:
+Ray reuses actors across messages, so data is loaded once per actor, not once per round.
+
+No import-time side effects: Ray workers and SuperNodes import this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedsec.attacks.base import AttackContext
+
+app = ClientApp()
+
+# digest of the scenario text -> (scenario, task, plans); small and bounded (one per run).
+_CACHE: dict[str, tuple] = {}
+_POISONED: dict[tuple, object] = {}
+
+
+def _threads(num_cpus: float | None) -> None:
+    # Two threads on two cores made a training step ~20x slower here: follow the CPU share.
+    n = max(1, int(num_cpus or 1))
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def load_context(config: ConfigRecord, context: Context):
+    """-> (scenario, task, plans, hospital id), cached per scenario text."""
+    from fedsec.federation.adversary import build_plans
+    from fedsec.scenario import load_scenario
+    from fedsec.tasks import build_task
+
+    import yaml
+
+    text = str(config["scenario"])
+    key = hashlib.sha256(text.encode()).hexdigest()
+    data_path = context.node_config.get("data-path")
+    if data_path:
+        key += f"|{data_path}"
+    if key not in _CACHE:
+        if len(_CACHE) > 4:
+            _CACHE.clear()
+            _POISONED.clear()
+        scenario = load_scenario(yaml.safe_load(text))
+        if data_path:  # deployment: this node's own data file replaces the scenario's path
+            scenario.task.path = str(data_path)
+        _threads(scenario.engine.num_cpus)
+        task = build_task(scenario)
+        plans = build_plans(scenario, task.data.num_hospitals)
+        _CACHE[key] = (scenario, task, plans)
+    scenario, task, plans = _CACHE[key]
+    hospital = int(context.node_config.get("partition-id", 0))
+    if data_path:
+        hospital_index = 0 if task.data.num_hospitals == 1 else hospital
+    else:
+        hospital_index = hospital
+    if not 0 <= hospital_index < task.data.num_hospitals:
+        raise ValueError(f"partition-id {hospital} but the scenario has {task.data.num_hospitals} hospitals")
+    return scenario, task, plans, hospital, hospital_index
+
+
+def _device(scenario) -> torch.device:
+    # Ray sets CUDA_VISIBLE_DEVICES for an actor that was given a GPU share; without one the
+    # actor sees no GPU and trains on CPU.
+    if scenario.engine.num_gpus > 0 and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Introduce the node: which hospital it is and how much data it holds."""
+    scenario, task, _, hospital, idx = load_context(msg.content["config"], context)
+    metrics = MetricRecord({"hospital": hospital, "num-train": len(task.data.train[idx]),
+                            "num-test": len(task.data.test[idx]), "pid": os.getpid()})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    from fedsec.federation.params import flatten_state, unflatten_state
+    from fedsec.federation.training import train_local
+
+    t0 = time.perf_counter()
+    config = msg.content["config"]
+    scenario, task, plans, hospital, idx = load_context(config, context)
+    server_round = int(config["server-round"])
+    device = _device(scenario)
+    seed = _seed(scenario.seed, server_round, hospital)
+
+    model = task.make_model()
+    global_state = msg.content["arrays"].to_torch_state_dict()
+    model.load_state_dict(global_state)
+
+    data = task.data.train[idx]
+    active = [p for p in plans if hospital in p.hospitals and p.active(server_round)]
+    for p in active:
+        if p.has("poison_data"):
+            cache_key = (id(p.attack), hospital)
+            if cache_key not in _POISONED:
+                rng = np.random.default_rng([scenario.seed, hospital, p.index])
+                ctx = AttackContext(server_round, hospital, p.hospitals, task.data.num_hospitals, task,
+                                    torch.Generator().manual_seed(seed))
+                _POISONED[cache_key] = p.attack.poison_data(data, rng, ctx)
+            data = _POISONED[cache_key]
+
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout and any other global-RNG use
+    stats = train_local(model, data, task, scenario.federation.local, generator, device)
+
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    for p in active:
+        if p.has("poison_update"):
+            ctx = AttackContext(server_round, hospital, p.hospitals, task.data.num_hospitals, task,
+                                torch.Generator().manual_seed(seed + 1))
+            g = flatten_state(global_state)
+            poisoned = p.attack.poison_update(g, flatten_state(state), ctx)
+            state = unflatten_state(poisoned, state)
+
+    metrics = MetricRecord({
+        "num-examples": len(data), "hospital": hospital, "train_loss": stats["loss"],
+        "steps": stats["steps"], "seconds": time.perf_counter() - t0,
+    })
+    return Message(content=RecordDict({"arrays": ArrayRecord(state), "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Scores of the global model on this hospital's test patients. The per-patient scores
+    (predictions, not inputs) go back so the server can compute exact metrics on the union."""
+    from fedsec.federation.training import predict
+
+    config = msg.content["config"]
+    scenario, task, _, hospital, idx = load_context(config, context)
+    model = task.make_model()
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    test = task.data.test[idx]
+    scores, loss = predict(model, test, task, _device(scenario))
+    metrics = MetricRecord({"num-examples": len(test), "hospital": hospital, "loss": loss})
+    preds = ArrayRecord({"scores": Array(scores.numpy()), "labels": Array(test.y.numpy())})
+    return Message(content=RecordDict({"metrics": metrics, "predictions": preds}), reply_to=msg)

@@ -1,0 +1,109 @@
+"""Engines: Flower's simulation engine on Ray (default) and, in deployment.py, real nodes.
+
+Ray stays on loopback with its temp dir in a private temp folder (it otherwise binds the
+machine's address and writes to /tmp/ray); ``engine.address`` joins an existing cluster
+(``ray start --head``) instead, for more than one machine or for a sweep that pays Ray's
+start-up once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+
+from fedsec.errors import FedsecError
+
+QUIET_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+}
+
+
+def quiet(verbose: bool) -> None:
+    for k, v in QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+    level = logging.INFO if verbose else logging.ERROR
+    for name in ("flwr", "ray"):
+        logging.getLogger(name).setLevel(level)
+
+
+def check_resources(scenario) -> None:
+    """Fail before Ray starts on requests it could never schedule (it would wait forever)."""
+    eng = scenario.engine
+    if eng.address:
+        return  # the cluster's resources are the cluster's business
+    if eng.num_gpus > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise FedsecError(
+                f"engine.num_gpus={eng.num_gpus:g} asks for a GPU share per hospital but this machine has no "
+                "CUDA GPU (torch.cuda.is_available() is False); set engine.num_gpus=0 to train on CPU, or "
+                "engine.address=<ray cluster> to use a cluster that has GPUs")
+        if eng.num_gpus > torch.cuda.device_count():
+            raise FedsecError(f"engine.num_gpus={eng.num_gpus:g} per hospital but this machine has "
+                              f"{torch.cuda.device_count()} GPU(s)")
+    cpus = os.cpu_count() or 1
+    if eng.num_cpus > cpus:
+        raise FedsecError(f"engine.num_cpus={eng.num_cpus:g} per hospital but this machine has {cpus} CPU(s): "
+                          "no hospital could ever be scheduled")
+
+
+def ray_init_args(scenario, verbose: bool, temp_dir: str | None) -> dict:
+    level = logging.INFO if verbose else logging.ERROR
+    if scenario.engine.address:
+        return {"address": scenario.engine.address, "logging_level": level, "log_to_driver": verbose}
+    args = {
+        "num_cpus": os.cpu_count() or 1,
+        "_node_ip_address": "127.0.0.1",
+        "_temp_dir": temp_dir,
+        "include_dashboard": False,
+        "logging_level": level,
+        "log_to_driver": verbose,
+    }
+    if scenario.engine.num_gpus > 0:
+        import torch
+
+        args["num_gpus"] = torch.cuda.device_count()
+    return args
+
+
+def run_ray(scenario, serve_fn, num_hospitals: int, verbose: bool = False):
+    """Run ``serve_fn(grid)`` as the ServerApp with one virtual SuperNode per hospital.
+
+    Returns what ``serve_fn`` returned. Exceptions raised in the ServerApp propagate.
+    """
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from fedsec.federation.client_app import app as client_app
+
+    check_resources(scenario)
+    quiet(verbose)
+    temp_dir = None if scenario.engine.address else tempfile.mkdtemp(prefix="fedsec-ray-")
+    holder: dict = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid, context):
+        holder["result"] = serve_fn(grid)
+
+    backend_config = {
+        "client_resources": {"num_cpus": float(scenario.engine.num_cpus),
+                             "num_gpus": float(scenario.engine.num_gpus)},
+        "init_args": ray_init_args(scenario, verbose, temp_dir),
+    }
+    try:
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_hospitals,
+                       backend_config=backend_config, verbose_logging=False)
+    finally:
+        if temp_dir:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+    if "result" not in holder:
+        raise FedsecError("the simulation ended before the ServerApp finished (see -v for Flower's log)")
+    return holder["result"]

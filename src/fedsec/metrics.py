@@ -1,0 +1,78 @@
+"""Clinical metrics from per-patient scores: loss, accuracy, AUROC (MONAI), sensitivity,
+specificity and balanced accuracy.
+
+Binary tasks: scores are P(class 1) and the default threshold is 0.5. Multi-class tasks:
+scores are softmax rows; sensitivity / specificity / AUROC are one-vs-rest macro averages.
+Multi-label tasks: per-label sigmoid scores, macro over labels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+METRIC_KEYS = ("loss", "accuracy", "auroc", "sensitivity", "specificity", "balanced_accuracy")
+
+
+def _auroc(scores: torch.Tensor, onehot: torch.Tensor) -> float:
+    """Macro AUROC over columns with both classes present; NaN if none has both."""
+    from monai.metrics import compute_roc_auc
+
+    cols = [k for k in range(onehot.shape[1]) if 0 < onehot[:, k].sum() < onehot.shape[0]]
+    if not cols:
+        return float("nan")
+    vals = [float(compute_roc_auc(scores[:, k], onehot[:, k])) for k in cols]
+    return sum(vals) / len(vals)
+
+
+def _sens_spec(pred: torch.Tensor, truth: torch.Tensor) -> tuple[float, float]:
+    """pred/truth: bool [N, K] one-vs-rest decisions; macro over columns that have positives
+    (sensitivity) / negatives (specificity)."""
+    sens, spec = [], []
+    for k in range(truth.shape[1]):
+        t, p = truth[:, k], pred[:, k]
+        pos, neg = int(t.sum()), int((~t).sum())
+        if pos:
+            sens.append(int((p & t).sum()) / pos)
+        if neg:
+            spec.append(int((~p & ~t).sum()) / neg)
+    mean = lambda v: sum(v) / len(v) if v else float("nan")  # noqa: E731
+    return mean(sens), mean(spec)
+
+
+def classification_metrics(scores: torch.Tensor, labels: torch.Tensor, loss: float | None = None,
+                           multilabel: bool = False, threshold: float = 0.5) -> dict[str, float]:
+    """scores: [N, K] probabilities (softmax rows, or sigmoid per label if multilabel).
+    labels: int [N] class indices, or float [N, K] 0/1 if multilabel.
+    Returns the METRIC_KEYS (loss passed through; NaN when not computable)."""
+    scores = scores.detach().float().cpu()
+    n, k = scores.shape
+    out = {"loss": float(loss) if loss is not None else float("nan")}
+    if n == 0:
+        return {key: float("nan") for key in METRIC_KEYS}
+    if multilabel:
+        truth = labels.float().cpu() > 0.5
+        pred = scores >= threshold
+        out["accuracy"] = float((pred == truth).float().mean())
+        out["auroc"] = _auroc(scores, truth.float())
+        sens, spec = _sens_spec(pred, truth)
+    else:
+        labels = labels.long().cpu()
+        onehot = torch.nn.functional.one_hot(labels, k).bool()
+        if k == 2:
+            pred1 = scores[:, 1] >= threshold
+            out["accuracy"] = float((pred1.long() == labels).float().mean())
+            out["auroc"] = _auroc(scores[:, 1:2], onehot[:, 1:2].float())
+            sens, spec = _sens_spec(pred1[:, None], onehot[:, 1:2])
+        else:
+            pred_cls = scores.argmax(1)
+            out["accuracy"] = float((pred_cls == labels).float().mean())
+            out["auroc"] = _auroc(scores, onehot.float())
+            sens, spec = _sens_spec(torch.nn.functional.one_hot(pred_cls, k).bool(), onehot)
+    out["sensitivity"], out["specificity"] = sens, spec
+    if not multilabel and k > 2:
+        out["balanced_accuracy"] = sens  # mean per-class recall, the usual multi-class definition
+    else:
+        out["balanced_accuracy"] = (sens + spec) / 2 if not (math.isnan(sens) or math.isnan(spec)) else float("nan")
+    return out
