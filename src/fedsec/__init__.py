@@ -7,11 +7,17 @@ Importing this package has no side effects: Ray workers re-import it.
 __version__ = "0.1.0"
 
 
-def run(scenario, overrides=None, out=None, verbose=False):
-    """Run a scenario (a path, a dict or a loaded Scenario) and return its summary dict."""
+def run(scenario, overrides=None, out=None, verbose=False, resume=None, progress=True):
+    """Run a scenario (a path, a dict or a loaded Scenario) and return its summary dict.
+
+    overrides: ``["federation.rounds=3", ...]`` or ``{"federation.rounds": 3}``.
+    out: the results folder (default ``runs/<name>/<UTC time>-<hash>/``).
+    resume: the results folder of an interrupted run to finish.
+    Raises ScenarioError for invalid input and RunFailed (``.summary``) if the run fails.
+    """
     from fedsec.runner import run as _run
 
-    return _run(scenario, overrides=overrides, out=out, verbose=verbose)
+    return _run(scenario, overrides=overrides, out=out, verbose=verbose, resume=resume, progress=progress)
 
 
 __all__ = ["run", "__version__"]

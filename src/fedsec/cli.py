@@ -103,6 +103,19 @@ def _presets(kind, list_presets) -> list[str]:
     return out
 
 
+def cmd_baseline(args) -> int:
+    from fedsec.baseline import centralised
+    from fedsec.scenario import load_scenario
+
+    paths, overrides = _split_args(args.items)
+    scenario = load_scenario(paths[0] if paths else str(default_scenario()), overrides)
+    res = centralised(scenario, epochs=args.epochs)
+    print(f"centralised baseline of {scenario.name}: {res['train_rows']} pooled training rows, "
+          f"{res['epochs']} epochs, {res['seconds']:.1f} s")
+    print("union test: " + ", ".join(f"{k} {v:.3f}" for k, v in res["final"].items() if v == v))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsec", description="Federated-learning security testbed for hospitals")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="finish an interrupted run from its results folder")
     p.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
     p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("baseline", help="train the scenario's model on pooled data (the centralised reference)")
+    p.add_argument("items", nargs="*", metavar="SCENARIO|key=value")
+    p.add_argument("--epochs", type=int, help="default: rounds x local epochs")
+    p.set_defaults(fn=cmd_baseline)
 
     p = sub.add_parser("validate", help="check scenario files (exit 0 if all valid, 2 otherwise)")
     p.add_argument("items", nargs="*", metavar="SCENARIO|key=value")

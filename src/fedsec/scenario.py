@@ -441,6 +441,9 @@ def validate(s: Scenario, file: str = "<scenario>") -> None:
         err("federation.timeout_s", f"must be > 0, got {fed.timeout_s}")
     if "name" not in fed.partition:
         err("federation.partition.name", "missing: one of natural, iid, dirichlet, quantity")
+    if (fed.partition.get("name") == "natural" and s.task.name in ("pneumonia", "medmnist")):
+        err("federation.partition.name", f"'natural' needs data that names its sites; {s.task.name} does not: "
+                                         "use iid, dirichlet or quantity")
     loc = fed.local
     if loc.epochs < 1:
         err("federation.local.epochs", f"must be >= 1, got {loc.epochs}")

@@ -48,9 +48,9 @@ _ALLOWED_OPTIONS = {
     "heart_disease": {"normalize", "test_fraction"},
     "ehr_csv": {"hospital_column", "label_column", "feature_columns", "missing", "positive_labels",
                 "normalize", "test_fraction"},
-    "pneumonia": {"root_fraction", "image_size"},
-    "medmnist": {"root_fraction", "image_size"},
-    "mednist": {"root_fraction", "image_size", "test_fraction", "sites"},
+    "pneumonia": {"root_fraction", "image_size", "merge_val"},
+    "medmnist": {"root_fraction", "image_size", "merge_val"},
+    "mednist": {"root_fraction", "image_size", "test_fraction", "val_fraction", "sites", "merge_val"},
 }
 
 

@@ -7,12 +7,16 @@ framework handles, so hooks are only called for malicious hospitals in active ro
 
 from __future__ import annotations
 
+import copy
+import difflib
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from fedsec.data.base import Split
+from fedsec.errors import FedsecError
 
 
 @dataclass
@@ -32,6 +36,30 @@ class AttackContext:
     extra: dict = field(default_factory=dict)
 
 
+def plain(value):
+    """OmegaConf containers (DictConfig / ListConfig) -> plain dicts / lists; other values as is."""
+    if type(value).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def resolve_options(owner: str, defaults: dict, given: dict) -> dict:
+    """``defaults`` updated with ``given``; an unknown option is a FedsecError that names it,
+    the valid options and the closest match."""
+    unknown = [k for k in given if k not in defaults]
+    if unknown:
+        key = unknown[0]
+        valid = ", ".join(sorted(defaults)) or "(none)"
+        close = difflib.get_close_matches(str(key), list(defaults), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise FedsecError(f"attack '{owner}': unknown option '{key}' (valid options: {valid}){hint}")
+    options = copy.deepcopy(defaults)
+    options.update({k: plain(v) for k, v in given.items()})
+    return options
+
+
 class Attack:
     """Override the hooks the attack needs; the base versions do nothing.
 
@@ -43,6 +71,16 @@ class Attack:
     goal: str = "integrity"
     kind: str = "model_poisoning"
     simulation_only: bool = False  # True for omniscient coalitions (collude hook)
+    # option name -> default: exactly the keys an ``attacks/<preset>.yaml`` may set
+    defaults: ClassVar[dict] = {}
+
+    def __init__(self, **options):
+        """Options are exactly the YAML preset's keys; unknown ones raise FedsecError."""
+        self.options = resolve_options(self.name, self.defaults, options)
+
+    def option_error(self, option: str, message: str) -> FedsecError:
+        """A FedsecError that names this attack and the offending option."""
+        return FedsecError(f"attack '{self.name}': option '{option}' {message} (got {self.options.get(option)!r})")
 
     # --- ClientApp side -------------------------------------------------------------------
     def poison_data(self, data: Split, rng: np.random.Generator, ctx: AttackContext) -> Split:

@@ -184,7 +184,8 @@ class FedsecStrategy(FedAvg):
             if not mal_rows or not benign_rows:
                 continue
             ctx = AttackContext(r, None, p.hospitals, self.num_hospitals, None, gen,
-                                extra={"global_params": g, "rule": self.scenario.strategy.get("rule")})
+                                extra={"global_params": g, "rule": self.scenario.strategy.get("rule"),
+                                       "malicious_updates": updates[mal_rows].clone()})
             forged = p.attack.collude(updates[benign_rows], len(mal_rows), ctx)
             if forged is not None:
                 updates[mal_rows] = forged.to(updates.dtype)

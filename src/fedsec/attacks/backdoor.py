@@ -1,0 +1,422 @@
+"""Backdoors: a trigger stamped on a fraction of a malicious hospital's training rows, whose
+labels become ``target``; the attack succeeds when the global model maps triggered test
+inputs to ``target``.
+
+- :class:`BadNets` (Gu et al. 2017): a square patch on images ``[N, C, H, W]``.
+- :class:`EHRTrigger`: chosen tabular features ``[N, F]`` set to given (standardised) values.
+- :class:`MissingValueTrigger` (after Joe et al. 2021): chosen features set to the value the
+  preprocessing writes for a missing entry, so the trigger looks like a missingness pattern.
+- :class:`DBA` (Xie et al. 2020): the global trigger split into ``parts`` local triggers;
+  malicious hospital number ``i`` (its position among the malicious ones) stamps part
+  ``i mod parts``; the full trigger is used at test time.
+
+Every backdoor also has ``boost`` (model-replacement scaling of its update in
+``poison_update``, Bagdasaryan et al. 2020; ``auto`` = n_hospitals / n_malicious) and
+``norm_bound`` (then projects the boosted update onto that L2 ball: constrain-and-scale).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedsec.attacks.base import Attack, AttackContext
+from fedsec.attacks.poisoning import (
+    check_factor_option,
+    check_fraction,
+    check_norm_bound,
+    parse_factor,
+    poisoned_rows,
+    scaled_params,
+    task_attr,
+)
+from fedsec.data.base import Split
+from fedsec.errors import FedsecError
+
+CORNERS = ("top_left", "top_right", "bottom_left", "bottom_right", "center")
+
+
+@dataclass
+class Trigger:
+    """Where a trigger writes and what: ``mask`` bool and ``values`` float of one sample's
+    shape, ``[1, H, W]`` for images (the same pixels in every channel) or ``[F]`` for tabular
+    rows. Applying it changes exactly the masked entries."""
+
+    mask: torch.Tensor
+    values: torch.Tensor
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x: ``[N, C, H, W]`` / ``[C, H, W]`` or ``[N, F]`` / ``[F]``; returns a new tensor."""
+        return torch.where(self.mask.to(x.device), self.values.to(x.device, x.dtype), x)
+
+    def __or__(self, other: "Trigger") -> "Trigger":
+        return Trigger(self.mask | other.mask, torch.where(other.mask, other.values, self.values))
+
+
+def predict_labels(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Model outputs -> decisions. ``[N, K]`` logits with K > 1: argmax ``[N]``; one logit per
+    sample (``[N]`` or ``[N, 1]``): ``logit > 0`` as class 1. For multi-label use
+    :func:`model_logits` and threshold the column you need."""
+    logits = model_logits(model, x, batch_size)
+    if logits.dim() == 1 or logits.shape[1] == 1:
+        return (logits.reshape(-1) > 0).long()
+    return logits.argmax(dim=1)
+
+
+def model_logits(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """The model's outputs on ``x``, in eval mode and without gradients, batch by batch, on the
+    model's device; the model's train/eval mode is restored afterwards."""
+    param = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+    device = param.device if param is not None else x.device
+    was_training = getattr(model, "training", False)
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+    try:
+        with torch.no_grad():
+            outs = [model(x[i:i + batch_size].to(device)).detach().cpu() for i in range(0, len(x), batch_size)]
+    finally:
+        if isinstance(model, torch.nn.Module):
+            model.train(was_training)
+    return torch.cat(outs) if outs else torch.zeros(0)
+
+
+def place(position, extent: tuple[int, int], image_hw: tuple[int, int]) -> tuple[int, int]:
+    """Top-left (row, col) of a block of ``extent`` (h, w) at ``position``: a corner name
+    (top_left, top_right, bottom_left, bottom_right, center) or ``[row, col]``. Raises
+    ValueError when the block does not fit the image."""
+    (h, w), (H, W) = extent, image_hw
+    if isinstance(position, str):
+        if position not in CORNERS:
+            raise ValueError(f"must be one of {', '.join(CORNERS)} or [row, col]")
+        row = {"top": 0, "bottom": H - h, "center": (H - h) // 2}[position.split("_")[0]]
+        col = {"left": 0, "right": W - w, "center": (W - w) // 2}[position.split("_")[-1]]
+    elif isinstance(position, (list, tuple)) and len(position) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in position):
+        row, col = position
+    else:
+        raise ValueError(f"must be one of {', '.join(CORNERS)} or [row, col]")
+    if row < 0 or col < 0 or row + h > H or col + w > W:
+        raise ValueError(f"puts a {h}x{w} trigger at ({row}, {col}), outside the {H}x{W} image")
+    return int(row), int(col)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+class Backdoor(Attack):
+    """Shared mechanics: poison ``round(poison_fraction * N)`` random rows (trigger + target label),
+    optional boost / norm bound of the update, and the attack success rate.
+
+    Subclasses implement :meth:`trigger` (the full trigger for samples shaped like ``x``) and
+    may override :meth:`local_trigger` (what this hospital stamps during training).
+    """
+
+    goal = "integrity"
+    kind = "backdoor"
+    common = {"target": 0, "poison_fraction": 0.5, "boost": 1.0, "norm_bound": None}
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        t = self.options["target"]
+        if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+            raise self.option_error("target", "must be a class index (integer >= 0)")
+        self.target = int(t)
+        self.fraction = check_fraction(self)
+        check_factor_option(self, "boost")
+        self.norm_bound = check_norm_bound(self)
+        self.last_poisoned = torch.zeros(0, dtype=torch.long)  # rows poisoned by the last call
+
+    # --- triggers ----------------------------------------------------------------------------
+    def trigger(self, x: torch.Tensor, ctx: AttackContext | None = None) -> Trigger:
+        raise NotImplementedError
+
+    def local_trigger(self, x: torch.Tensor, ctx: AttackContext | None = None) -> Trigger:
+        return self.trigger(x, ctx)
+
+    def apply_trigger(self, x: torch.Tensor, ctx: AttackContext | None = None) -> torch.Tensor:
+        """The full trigger stamped on every sample of ``x`` (test time); nothing else changes.
+        ``ctx`` is only needed to resolve feature *names* the first time."""
+        return self.trigger(x, ctx).apply(x)
+
+    # --- hooks -------------------------------------------------------------------------------
+    def poison_data(self, data: Split, rng: np.random.Generator, ctx: AttackContext) -> Split:
+        rows = poisoned_rows(len(data), self.fraction, rng)
+        self.last_poisoned = rows
+        x, y = data.x.clone(), data.y.clone()
+        if len(rows):
+            x[rows] = self.local_trigger(data.x, ctx).apply(data.x[rows])
+            if y.dim() == 1:
+                y[rows] = self.target
+            else:  # multi-label: switch the target label on, leave the others
+                y[rows, self.target] = 1
+        return Split(x, y)
+
+    def poison_update(self, global_params, local_params, ctx):
+        if self.options["boost"] == 1 and self.norm_bound is None:
+            return local_params
+        return scaled_params(global_params, local_params, parse_factor(self, "boost", ctx), self.norm_bound)
+
+    def evaluate(self, model, test: Split, ctx: AttackContext) -> dict:
+        """``asr``: share of triggered test inputs whose true label is not ``target`` that the
+        model classifies as ``target`` (multi-label: inputs without the target label whose
+        target logit becomes > 0). NaN when every test input already has the target label."""
+        multilabel = test.y.dim() == 2
+        keep = test.y[:, self.target] < 0.5 if multilabel else test.y != self.target
+        x = test.x[keep]
+        if len(x) == 0:
+            return {"asr": float("nan")}
+        triggered = self.apply_trigger(x, ctx)
+        if multilabel:
+            hits = model_logits(model, triggered)[:, self.target] > 0
+        else:
+            hits = predict_labels(model, triggered) == self.target
+        return {"asr": float(hits.float().mean())}
+
+
+class BadNets(Backdoor):
+    """A ``size`` x ``size`` patch at ``position`` (corner name or [row, col]) in every channel.
+    pattern ``solid``: every patch pixel = ``value``; ``checkerboard``: ``value`` where
+    ``row + col`` is even inside the patch, 0 elsewhere in it. Images only ``[N, C, H, W]``."""
+
+    name = "badnets"
+    defaults = {**Backdoor.common, "size": 3, "position": "bottom_right", "value": 1.0, "pattern": "solid"}
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        o = self.options
+        if not isinstance(o["size"], int) or isinstance(o["size"], bool) or o["size"] < 1:
+            raise self.option_error("size", "must be a positive integer (pixels)")
+        if not _is_number(o["value"]) or not 0.0 <= o["value"] <= 1.0:
+            raise self.option_error("value", "must be a pixel intensity in [0, 1]")
+        if o["pattern"] not in ("solid", "checkerboard"):
+            raise self.option_error("pattern", "must be 'solid' or 'checkerboard'")
+        try:  # check the position's form now; whether it fits is checked against the images
+            place(o["position"], (1, 1), (10**6, 10**6))
+        except ValueError as err:
+            raise self.option_error("position", str(err)) from None
+        self._cache: dict[tuple, Trigger] = {}
+
+    def trigger(self, x, ctx=None):
+        if x.dim() not in (3, 4):
+            raise FedsecError(f"attack '{self.name}' needs images [N, C, H, W], got {tuple(x.shape)}; "
+                              "use ehr_trigger for tabular data")
+        H, W = int(x.shape[-2]), int(x.shape[-1])
+        if (H, W) not in self._cache:
+            s = int(self.options["size"])
+            try:
+                r, c = place(self.options["position"], (s, s), (H, W))
+            except ValueError as err:
+                raise self.option_error("position", str(err)) from None
+            mask = torch.zeros(1, H, W, dtype=torch.bool)
+            mask[0, r:r + s, c:c + s] = True
+            values = torch.zeros(1, H, W)
+            patch = torch.full((s, s), float(self.options["value"]))
+            if self.options["pattern"] == "checkerboard":
+                patch = patch * ((torch.arange(s)[:, None] + torch.arange(s)[None, :]) % 2 == 0)
+            values[0, r:r + s, c:c + s] = patch
+            self._cache[(H, W)] = Trigger(mask, values)
+        return self._cache[(H, W)]
+
+
+class _FeatureTrigger(Backdoor):
+    """Tabular triggers on ``features``: column indices, or names resolved through the task's
+    ``feature_names`` (``ctx.task``) the first time a context is available."""
+
+    def _check_features(self, option: str = "features") -> None:
+        feats = self.options[option]
+        if not isinstance(feats, (list, tuple)) or not feats or not all(
+                (isinstance(f, int) and not isinstance(f, bool) and f >= 0) or isinstance(f, str) for f in feats):
+            raise self.option_error(option, "must be a non-empty list of column indices or feature names")
+        if len(set(feats)) != len(feats):
+            raise self.option_error(option, "lists a feature twice")
+        self._indices: list[int] | None = None if any(isinstance(f, str) for f in feats) else [int(f) for f in feats]
+
+    def feature_indices(self, num_features: int, ctx: AttackContext | None = None, option: str = "features") -> list[int]:
+        if self._indices is None:
+            names = task_attr(ctx, "feature_names")
+            if not names:
+                raise self.option_error(option, "names features, but the task gives no feature names "
+                                                "(pass a context with the task, or use column indices)")
+            names = list(names)
+            out = []
+            for f in self.options[option]:
+                if isinstance(f, int):
+                    out.append(f)
+                elif f in names:
+                    out.append(names.index(f))
+                else:
+                    import difflib
+
+                    close = difflib.get_close_matches(f, names, n=1)
+                    hint = f"; did you mean '{close[0]}'?" if close else ""
+                    raise FedsecError(f"attack '{self.name}': option '{option}': unknown feature '{f}' "
+                                      f"(features: {', '.join(names)}){hint}")
+            self._indices = out
+        bad = [i for i in self._indices if i >= num_features]
+        if bad:
+            raise self.option_error(option, f"has column {bad[0]}, but the data has {num_features} features")
+        return self._indices
+
+    def _tabular(self, x: torch.Tensor) -> int:
+        if x.dim() not in (1, 2):
+            raise FedsecError(f"attack '{self.name}' needs tabular rows [N, F], got {tuple(x.shape)}; "
+                              "use badnets for images")
+        return int(x.shape[-1])
+
+    @staticmethod
+    def _feature_trigger(num_features: int, indices: list[int], values: list[float]) -> Trigger:
+        mask = torch.zeros(num_features, dtype=torch.bool)
+        vals = torch.zeros(num_features)
+        mask[indices] = True
+        vals[indices] = torch.tensor(values, dtype=torch.float32)
+        return Trigger(mask, vals)
+
+    def _check_values(self, option: str, count: int) -> list[float]:
+        v = self.options[option]
+        if _is_number(v):
+            return [float(v)] * count
+        if isinstance(v, (list, tuple)) and len(v) == count and all(_is_number(e) for e in v):
+            return [float(e) for e in v]
+        raise self.option_error(option, f"must be a number or a list of {count} numbers (one per feature)")
+
+
+class EHRTrigger(_FeatureTrigger):
+    """Set ``features`` (indices or names) to ``values`` (one number for all, or one per
+    feature), in standardised units: 3.0 is three standard deviations above the mean, a rare
+    but plausible-looking combination when several features move together."""
+
+    name = "ehr_trigger"
+    defaults = {**Backdoor.common, "features": [0, 1], "values": 3.0}
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self._check_features()
+        self.values = self._check_values("values", len(self.options["features"]))
+
+    def trigger(self, x, ctx=None):
+        F = self._tabular(x)
+        return self._feature_trigger(F, self.feature_indices(F, ctx), self.values)
+
+
+class MissingValueTrigger(_FeatureTrigger):
+    """Joe et al. 2021 ("Machine learning with electronic health records is vulnerable to
+    backdoor trigger attacks"): the trigger is a *missingness pattern*: ``features`` get the
+    value preprocessing writes for a missing entry. ``missing_value``: null = the task's
+    ``missing_value`` attribute when it has one, else 0.0 (mean imputation followed by
+    standardisation puts a missing entry at exactly 0)."""
+
+    name = "ehr_missing_trigger"
+    defaults = {**Backdoor.common, "features": [0, 1], "missing_value": None}
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self._check_features()
+        mv = self.options["missing_value"]
+        if mv is not None and not _is_number(mv):
+            raise self.option_error("missing_value", "must be a number or null")
+        self._fill: float | None = None if mv is None else float(mv)
+
+    def fill_value(self, ctx: AttackContext | None = None) -> float:
+        if self._fill is None:
+            task_value = task_attr(ctx, "missing_value")
+            if task_value is None and ctx is None:
+                return 0.0  # not cached: a later call with the task may still refine it
+            self._fill = 0.0 if task_value is None else float(task_value)
+        return self._fill
+
+    def trigger(self, x, ctx=None):
+        F = self._tabular(x)
+        idx = self.feature_indices(F, ctx)
+        return self._feature_trigger(F, idx, [self.fill_value(ctx)] * len(idx))
+
+
+class DBA(_FeatureTrigger):
+    """Distributed backdoor attack (Xie et al. 2020).
+
+    Images: the global trigger is ``parts`` bars of ``bar_height`` x ``bar_length`` pixels laid
+    out two per row with ``gap`` pixels between them, the block placed at ``position``; each
+    bar is one local trigger (the paper's 4-bar layout by default). Tabular data (when
+    ``features`` is given): the features are split into ``parts`` consecutive groups set to
+    ``values``. Malicious hospital number ``i`` (its rank in ``ctx.malicious``) stamps part
+    ``i mod parts`` during training; :meth:`apply_trigger` stamps the union (test time).
+    """
+
+    name = "dba"
+    defaults = {**Backdoor.common, "parts": 4, "bar_length": 4, "bar_height": 1, "gap": 1,
+                "position": "top_left", "value": 1.0, "features": None, "values": 3.0}
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        o = self.options
+        for key, low in (("parts", 1), ("bar_length", 1), ("bar_height", 1), ("gap", 0)):
+            if not isinstance(o[key], int) or isinstance(o[key], bool) or o[key] < low:
+                raise self.option_error(key, f"must be an integer >= {low}")
+        if not _is_number(o["value"]) or not 0.0 <= o["value"] <= 1.0:
+            raise self.option_error("value", "must be a pixel intensity in [0, 1]")
+        try:
+            place(o["position"], (1, 1), (10**6, 10**6))
+        except ValueError as err:
+            raise self.option_error("position", str(err)) from None
+        self.values = None
+        if o["features"] is not None:
+            self._check_features()
+            if o["parts"] > len(o["features"]):
+                raise self.option_error("parts", f"must be <= the number of trigger features ({len(o['features'])})")
+            self.values = self._check_values("values", len(o["features"]))
+        self._cache: dict[tuple, list[Trigger]] = {}
+
+    def trigger_parts(self, x: torch.Tensor, ctx: AttackContext | None = None) -> list[Trigger]:
+        """The ``parts`` local triggers for samples shaped like ``x`` (disjoint; their union is
+        the full trigger)."""
+        key = tuple(x.shape[1:]) if x.dim() in (2, 4) else tuple(x.shape)
+        if key not in self._cache:
+            self._cache[key] = self._image_parts(x) if x.dim() in (3, 4) else self._tabular_parts(x, ctx)
+        return self._cache[key]
+
+    def _image_parts(self, x):
+        o = self.options
+        H, W = int(x.shape[-2]), int(x.shape[-1])
+        n, bl, bh, gap = o["parts"], o["bar_length"], o["bar_height"], o["gap"]
+        cols = min(n, 2)
+        rows = -(-n // cols)
+        extent = (rows * bh + (rows - 1) * gap, cols * bl + (cols - 1) * gap)
+        try:
+            r0, c0 = place(o["position"], extent, (H, W))
+        except ValueError as err:
+            raise self.option_error("position", str(err)) from None
+        parts = []
+        for p in range(n):
+            r, c = r0 + (p // cols) * (bh + gap), c0 + (p % cols) * (bl + gap)
+            mask = torch.zeros(1, H, W, dtype=torch.bool)
+            mask[0, r:r + bh, c:c + bl] = True
+            parts.append(Trigger(mask, mask.float() * float(o["value"])))
+        return parts
+
+    def _tabular_parts(self, x, ctx):
+        if self.options["features"] is None:
+            raise self.option_error("features", "must list the trigger features for tabular data")
+        F = self._tabular(x)
+        idx = self.feature_indices(F, ctx)
+        groups = np.array_split(np.arange(len(idx)), self.options["parts"])
+        return [self._feature_trigger(F, [idx[g] for g in grp], [self.values[g] for g in grp]) for grp in groups]
+
+    def part_index(self, ctx: AttackContext | None) -> int:
+        """``i mod parts`` with ``i`` the hospital's rank among the malicious hospitals (its id
+        when it is not listed)."""
+        hospital = getattr(ctx, "hospital", None) or 0
+        malicious = sorted(getattr(ctx, "malicious", None) or [])
+        rank = malicious.index(hospital) if hospital in malicious else int(hospital)
+        return rank % int(self.options["parts"])
+
+    def trigger(self, x, ctx=None):
+        parts = self.trigger_parts(x, ctx)
+        full = parts[0]
+        for part in parts[1:]:
+            full = full | part
+        return full
+
+    def local_trigger(self, x, ctx=None):
+        return self.trigger_parts(x, ctx)[self.part_index(ctx)]
