@@ -61,3 +61,37 @@ def test_failing_hospital_fails_the_run(tmp_path):
     assert summary["status"] == "failed" and summary["rounds"] == 0
     assert "hungary" in summary["error"] and "disk full at hospital 1" in summary["error"]
     assert "hungary" in str(info.value)
+
+
+def test_killed_run_keeps_rounds_and_resumes_to_the_same_metrics(two_runs, tmp_path):
+    """SIGKILL a run after its first round, resume it: finished rounds are kept and the
+    resumed run ends with exactly the metrics of an uninterrupted one."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "fedsec.cli", "run", QUICKSTART, "federation.rounds=3",
+                             "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        rounds = out / "rounds.jsonl"
+        if rounds.exists() and len(rounds.read_text().splitlines()) >= 1 and (out / "checkpoint.pt").exists():
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    kept = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+    assert 1 <= len(kept) < 3, "the kill should land mid-run"
+    assert json.loads((out / "summary.json").read_text())["status"] == "running"
+
+    summary = fedsec.run(None, resume=out, progress=False)
+    assert summary["status"] == "completed" and summary["rounds"] == 3
+    resumed = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+    _, reference = two_runs[0]
+    expected = [json.loads(x) for x in (reference / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in resumed] == [1, 2, 3]
+    assert [r["global"] for r in resumed] == [r["global"] for r in expected]

@@ -1,0 +1,40 @@
+"""Engine checks that must fail fast, before Ray starts."""
+
+import pytest
+import torch
+
+from fedsec.errors import FedsecError
+from fedsec.federation.engine import check_resources, ray_init_args
+from fedsec.scenario import load_scenario
+
+from .test_scenario import QUICKSTART
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_gpu_request_on_cpu_machine_is_a_clear_error():
+    s = load_scenario(QUICKSTART, ["engine.num_gpus=0.25"])
+    with pytest.raises(FedsecError, match=r"engine.num_gpus=0.25 .* no CUDA GPU"):
+        check_resources(s)
+
+
+def test_gpu_request_error_comes_before_ray(tmp_path):
+    import fedsec
+
+    if torch.cuda.is_available():
+        pytest.skip("machine has a GPU")
+    with pytest.raises(FedsecError, match="no CUDA GPU"):
+        fedsec.run(QUICKSTART, overrides=["engine.num_gpus=0.5"], out=tmp_path, progress=False)
+
+
+def test_more_cpus_than_the_machine_is_an_error():
+    s = load_scenario(QUICKSTART, ["engine.num_cpus=4096"])
+    with pytest.raises(FedsecError, match="engine.num_cpus=4096"):
+        check_resources(s)
+
+
+def test_ray_stays_on_loopback_or_joins_the_given_cluster():
+    s = load_scenario(QUICKSTART)
+    args = ray_init_args(s, verbose=False, temp_dir="/tmp/fedsec-ray-x")
+    assert args["_node_ip_address"] == "127.0.0.1" and args["_temp_dir"] == "/tmp/fedsec-ray-x"
+    joined = ray_init_args(load_scenario(QUICKSTART, ["engine.address=10.0.0.5:6379"]), False, None)
+    assert joined["address"] == "10.0.0.5:6379" and "_temp_dir" not in joined and "num_cpus" not in joined
