@@ -352,6 +352,10 @@ def serve(grid: Grid, scenario, hospitals: list[str], run_dir=None, on_round=Non
 
     scenario_text = scenario.to_yaml()
     n = len(hospitals)
+    if hasattr(grid, "pull_interval"):
+        # Flower's in-memory (simulation) grid polls for replies every 0.1 s; with two
+        # exchanges per round that polling was most of a small task's per-round cost.
+        grid.pull_interval = min(float(grid.pull_interval), 0.01)
     mapping, _ = introduce_nodes(grid, scenario_text, n, scenario.federation.timeout_s)
     server_task = ServerTask(scenario, task)
     plans = build_plans(scenario, n)
