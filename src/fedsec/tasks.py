@@ -54,13 +54,17 @@ _ALLOWED_OPTIONS = {
 }
 
 
+# Options every task takes, applied after the data is built.
+_GENERIC_OPTIONS = {"max_train_per_hospital"}
+
+
 def _options(scenario) -> dict:
-    opts = dict(scenario.task.options or {})
+    opts = {k: v for k, v in (scenario.task.options or {}).items() if k not in _GENERIC_OPTIONS}
     allowed = _ALLOWED_OPTIONS.get(scenario.task.name, set())
     for k in opts:
         if k not in allowed:
             raise FedsecError(f"task.options.{k}: not an option of task '{scenario.task.name}'; "
-                              f"options are {', '.join(sorted(allowed)) or '(none)'}")
+                              f"options are {', '.join(sorted(allowed | _GENERIC_OPTIONS))}")
     return opts
 
 
@@ -123,4 +127,10 @@ def build_mednist(scenario) -> FederatedDataset:
 def build_task(scenario) -> Task:
     builder = TASKS.get(scenario.task.name, key="task.name")
     data = builder(scenario)
+    limit = (scenario.task.options or {}).get("max_train_per_hospital")
+    if limit is not None:
+        # e.g. 1 for a hospital whose update comes from a single patient (inversion studies)
+        if not isinstance(limit, int) or limit < 1:
+            raise FedsecError(f"task.options.max_train_per_hospital: expected an integer >= 1, got {limit!r}")
+        data.train = [s.subset(range(min(limit, len(s)))) for s in data.train]
     return Task(scenario.task.name, data, scenario.task.model, dict(scenario.task.model_options or {}))

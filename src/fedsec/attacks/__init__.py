@@ -36,6 +36,14 @@ _ATTACK_PATHS: dict[str, str] = {
     "fang_krum": "fedsec.attacks.collusion:FangKrum",
     "fang_median": "fedsec.attacks.collusion:FangMedian",
     "fang_trimmed_mean": "fedsec.attacks.collusion:FangMedian",  # the same attack (Fang et al. 2020)
+    # inversion.py: a curious server reconstructs training data from a hospital's update
+    "dlg": "fedsec.attacks.inversion:DLGAttack",
+    "idlg": "fedsec.attacks.inversion:IDLGAttack",
+    "inverting_gradients": "fedsec.attacks.inversion:InvertingGradientsAttack",
+    "tabular_inversion": "fedsec.attacks.inversion:TabularInversionAttack",
+    # membership.py: membership inference on the global model
+    "membership_loss": "fedsec.attacks.membership:LossThresholdMIA",
+    "membership_calibrated": "fedsec.attacks.membership:CalibratedLossMIA",
 }
 
 # keys of a preset file that are not options of the attack

@@ -200,7 +200,8 @@ class FedsecStrategy(FedAvg):
             flagged: list[int] = []
             info: dict = {}
         else:
-            f = self.scenario.strategy.get("num_malicious", len(self.malicious))
+            f = self.scenario.strategy.get("num_malicious")
+            f = len(self.malicious) if f is None else f
             ctx = RuleContext(global_params=g, root_update=self._root_update(r, template), generator=gen,
                               server_round=r, num_malicious=int(f))
             res = self.rule(updates, weights, ctx)
@@ -210,8 +211,21 @@ class FedsecStrategy(FedAvg):
         return ArrayRecord(unflatten_state(g + agg.to(g.dtype), template))
 
     def _observer_extra(self) -> dict:
-        return {"out_dir": str(self.run_dir.path / "figures") if self.run_dir else None,
-                "scenario": self.scenario}
+        """What an honest-but-curious server knows (the model, the hospitals' local
+        hyper-parameters and sample counts) plus, in simulation only, the true training data
+        (``truth``) used solely to score reconstructions."""
+        task = self.server_task.task
+        local = self.scenario.federation.local
+        return {
+            "out_dir": str(self.run_dir.path / "figures") if self.run_dir else None,
+            "scenario": self.scenario,
+            "model_fn": task.make_model,
+            "input_shape": tuple(task.data.input_shape),
+            "local": {"lr": local.lr, "epochs": local.epochs, "batch_size": local.batch_size},
+            "num_samples": {h: len(s) for h, s in enumerate(task.data.train)},
+            "truth": dict(enumerate(task.data.train)),
+            "hospital_names": task.data.hospitals,
+        }
 
     def _root_update(self, r: int, template) -> torch.Tensor | None:
         """FLTrust's server update: one local round on the server's small clean root set."""
@@ -293,9 +307,8 @@ class FedsecStrategy(FedAvg):
         out = {}
         for p in plans:
             ctx = AttackContext(r, None, p.hospitals, self.num_hospitals, task, None,
-                                extra={"members": dict(enumerate(task.data.train)),
-                                       "non_members": dict(enumerate(task.data.test)),
-                                       "hospital_names": task.data.hospitals, "out_dir": self._observer_extra()["out_dir"]})
+                                extra={**self._observer_extra(), "members": dict(enumerate(task.data.train)),
+                                       "non_members": dict(enumerate(task.data.test))})
             res = p.attack.evaluate(model, task.data.union_test(), ctx) or {}
             prefix = "" if len(plans) == 1 else f"{p.name}."
             out.update({f"{prefix}{k}": v for k, v in res.items()})

@@ -1,0 +1,149 @@
+"""Coordinate-wise rules: median and trimmed mean (Yin et al. 2018), and Bulyan's last step.
+
+Each coordinate is aggregated on its own, so the update matrix is walked in column blocks
+small enough to stay in cache, and each block's order statistics are found by selection,
+not by a full sort.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fedsec.strategies.base import AggregationRule, RuleContext, RuleResult
+
+# Bytes of one [n, c] column block. np.partition works on a copy of its input: block by block
+# that copy stays in cache (L2 is 2 MiB per core here) instead of being a second [n, d]
+# matrix (400 MB for 100 hospitals x 1M parameters); it measured no slower than whole-matrix
+# calls for n = 10..100.
+_BLOCK_BYTES = 1 << 20
+_NUMPY_DTYPES = (torch.float16, torch.float32, torch.float64)
+
+
+def column_blocks(updates: torch.Tensor, rows: torch.Tensor | None = None):
+    """Yield (column slice, block: Tensor[m, c]) covering the d columns of ``updates``.
+
+    rows: optional Tensor[m] of row indices; each block then holds only those rows, gathered
+    block by block so that the m selected rows are never copied out as a whole [m, d].
+    """
+    n, d = updates.shape
+    m = n if rows is None else len(rows)
+    width = max(1024, _BLOCK_BYTES // (updates.element_size() * m))
+    for start in range(0, d, width):
+        cols = slice(start, min(start + width, d))
+        block = updates[:, cols]
+        yield cols, block if rows is None else block.index_select(0, rows)
+
+
+def partition_rows(block: torch.Tensor, kth: tuple[int, ...]) -> torch.Tensor:
+    """Reorder each column so that row k holds the column's k-th smallest value, for every k in
+    ``kth``; rows before k hold values <= it and rows after, values >= it.
+
+    block: Tensor[n, c] -> Tensor[n, c]. On CPU this is numpy's introselect (``np.partition``,
+    O(n) per column, several k at once), about twice as fast here as ``torch.sort``, which is
+    the only way torch offers to get several order statistics at once (on GPU it is used).
+    """
+    if block.device.type == "cpu" and block.dtype in _NUMPY_DTYPES and not block.requires_grad:
+        return torch.from_numpy(np.partition(block.numpy(), kth, axis=0))
+    return torch.sort(block, dim=0).values
+
+
+def _median_of_block(block: torch.Tensor) -> torch.Tensor:
+    """block: Tensor[n, c] -> Tensor[c], the mean of the two middle values when n is even
+    (as ``np.median``)."""
+    n = block.shape[0]
+    lo, hi = (n - 1) // 2, n // 2
+    part = partition_rows(block, (lo, hi) if lo != hi else (lo,))
+    return (part[lo] + part[hi]) / 2 if lo != hi else part[lo]
+
+
+def coordinate_median(updates: torch.Tensor) -> torch.Tensor:
+    """updates: Tensor[n, d] -> Tensor[d], the median of each coordinate."""
+    out = torch.empty(updates.shape[1], dtype=updates.dtype, device=updates.device)
+    for cols, block in column_blocks(updates):
+        out[cols] = _median_of_block(block)
+    return out
+
+
+def coordinate_trimmed_mean(updates: torch.Tensor, trim: int) -> torch.Tensor:
+    """updates: Tensor[n, d] -> Tensor[d]: per coordinate, drop the ``trim`` smallest and the
+    ``trim`` largest values and average the n - 2*trim left. Requires n - 2*trim >= 1.
+
+    The kept values are selected, never obtained as ``sum - extremes``: an attacker's 1e30
+    would wipe out every benign digit in that subtraction.
+    """
+    n = updates.shape[0]
+    if trim == 0:
+        return updates.mean(dim=0)
+    out = torch.empty(updates.shape[1], dtype=updates.dtype, device=updates.device)
+    for cols, block in column_blocks(updates):
+        part = partition_rows(block, (trim, n - trim - 1))
+        out[cols] = part[trim : n - trim].mean(dim=0)
+    return out
+
+
+def coordinate_mean_around_median(
+    updates: torch.Tensor, keep: int, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Bulyan's coordinate step (El Mhamdi et al. 2018, Alg. 1 line 5).
+
+    updates: Tensor[n, d]; rows: optional Tensor[m] (default all n) -> Tensor[d]: per
+    coordinate, the mean over those rows of the ``keep`` values closest to their median.
+    """
+    m = updates.shape[0] if rows is None else len(rows)
+    drop = m - keep
+    if drop == 0:
+        return updates.mean(dim=0) if rows is None else updates.index_select(0, rows).mean(dim=0)
+    out = torch.empty(updates.shape[1], dtype=updates.dtype, device=updates.device)
+    for cols, block in column_blocks(updates, rows):
+        med = _median_of_block(block)
+        # The values farthest from the median are few (2f), so finding them with topk is
+        # cheaper than selecting the `keep` closest.
+        far = (block - med).abs_().topk(drop, dim=0).indices
+        kept = torch.ones(block.shape, dtype=torch.bool, device=block.device)
+        kept.scatter_(0, far, False)
+        out[cols] = torch.where(kept, block, 0.0).sum(dim=0) / keep
+    return out
+
+
+class Median(AggregationRule):
+    """Coordinate-wise median (Yin et al., ICML 2018). Sample counts are ignored: the median is
+    robust only if no hospital can buy influence by reporting more samples.
+
+    Options: none.
+    """
+
+    name = "median"
+
+    def aggregate(self, updates: torch.Tensor, weights: torch.Tensor, ctx: RuleContext) -> RuleResult:
+        return RuleResult(update=coordinate_median(updates))
+
+
+class TrimmedMean(AggregationRule):
+    """Coordinate-wise trimmed mean (Yin et al., ICML 2018): per coordinate, drop the k largest
+    and k smallest values, average the rest. Sample counts are ignored.
+
+    Options:
+        beta: fraction trimmed from each end, k = floor(beta * n) (as Flower's FedTrimmedAvg
+            and scipy.stats.trim_mean). Default 0.2.
+        trim: k itself; overrides beta when given. Default None.
+    """
+
+    name = "trimmed_mean"
+
+    def __init__(self, *, beta: float = 0.2, trim: int | None = None):
+        self.beta = self.float_option("beta", beta)
+        if self.beta >= 0.5:
+            raise self.fail(f"option 'beta' must be in [0, 0.5) (the fraction cut from each end), got {beta}")
+        self.trim = self.int_option("trim", trim, allow_none=True)
+
+    def trim_count(self, n: int) -> int:
+        """k, the number of values cut from each end of each coordinate when n rows come in."""
+        k = self.trim if self.trim is not None else int(self.beta * n)
+        if n - 2 * k < 1:
+            raise self.fail(f"cannot cut {k} values from each end of {n} updates: needs n - 2*trim >= 1")
+        return k
+
+    def aggregate(self, updates: torch.Tensor, weights: torch.Tensor, ctx: RuleContext) -> RuleResult:
+        k = self.trim_count(updates.shape[0])
+        return RuleResult(update=coordinate_trimmed_mean(updates, k), info={"trim": k})

@@ -1,0 +1,120 @@
+"""Direction-based trust: FLTrust (Cao et al., NDSS 2021) and FoolsGold (Fung, Yoon &
+Beschastnikh, RAID 2020)."""
+
+from __future__ import annotations
+
+import torch
+
+from fedsec.strategies.base import AggregationRule, RuleContext, RuleResult
+from fedsec.strategies.geometry import cosine_similarities
+
+
+class FLTrust(AggregationRule):
+    """FLTrust: the server trains on a small clean root set; its update g0 is the reference.
+    Trust ``TS_i = ReLU(cos(u_i, g0))``; each update is rescaled to ``|g0|`` (so no hospital
+    wins by magnitude) and the result is ``sum TS_i * |g0|/|u_i| * u_i / sum TS_i``.
+    If every trust score is 0 the round's update is zero. Sample counts are ignored.
+
+    Needs ``RuleContext.root_update`` (Tensor[d]). Options: none.
+    Flags the rows with trust 0 (pointing away from, or orthogonal to, the root update).
+    """
+
+    name = "fltrust"
+
+    def aggregate(self, updates: torch.Tensor, weights: torch.Tensor, ctx: RuleContext) -> RuleResult:
+        root = ctx.root_update
+        if root is None:
+            raise self.fail(
+                "needs the server's update on its clean root set (RuleContext.root_update); "
+                "the strategy must train the global model on a root dataset each round"
+            )
+        if root.shape != updates.shape[1:]:
+            raise self.fail(f"root update has shape {tuple(root.shape)}, the updates [{updates.shape[1]}]")
+        root = root.to(device=updates.device, dtype=updates.dtype)
+        root_norm = torch.linalg.vector_norm(root).double()
+        norms = torch.linalg.vector_norm(updates, dim=1).double()
+        dots = (updates @ root).double()
+        usable = (norms > 0) & (root_norm > 0)
+        safe_norms = norms.clamp(min=torch.finfo(torch.float64).tiny)
+        cos = torch.where(usable, dots / (safe_norms * root_norm.clamp(min=torch.finfo(torch.float64).tiny)), 0.0)
+        trust = cos.clamp(min=0.0)
+        total = float(trust.sum())
+        if total > 0:
+            coeffs = trust * root_norm / safe_norms / total
+            update = coeffs.to(updates.dtype) @ updates
+        else:
+            update = torch.zeros_like(updates[0])
+        return RuleResult(
+            update=update,
+            flagged=(trust == 0).nonzero().flatten().tolist(),
+            info={"trust": trust.tolist(), "root_norm": float(root_norm)},
+        )
+
+
+class FoolsGold(AggregationRule):
+    """FoolsGold: sybils pushing one poisoning goal send similar updates over time, honest
+    hospitals with different data do not. Each hospital's updates are summed over rounds
+    (its history); from the cosine similarities of the histories, with "pardoning" of honest
+    hospitals that merely resemble a sybil, each gets a weight in [0, 1] through a logit
+    (Fung et al. 2020, Alg. 1; numbers as the authors' reference code). The update is
+    ``sum_i w_i u_i / n``. Stateful: histories are keyed by ``RuleContext.client_ids``
+    (row index when absent). Sample counts are ignored.
+
+    Options:
+        kappa: confidence, the slope of the logit, default 1.0.
+        use_history: compare summed histories (paper) rather than this round's updates only,
+            default True.
+    Flags the rows whose weight is 0.
+    """
+
+    name = "foolsgold"
+
+    def __init__(self, *, kappa: float = 1.0, use_history: bool = True):
+        self.kappa = self.float_option("kappa", kappa, strict=True)
+        if not isinstance(use_history, bool):
+            raise self.fail(f"option 'use_history' must be true or false, got {use_history!r}")
+        self.use_history = use_history
+        self._history: dict = {}
+
+    def reset(self) -> None:
+        self._history = {}
+
+    def aggregate(self, updates: torch.Tensor, weights: torch.Tensor, ctx: RuleContext) -> RuleResult:
+        n = updates.shape[0]
+        ids = list(ctx.client_ids) if ctx.client_ids is not None else list(range(n))
+        if len(ids) != n or len(set(ids)) != n:
+            raise self.fail(f"client_ids must be {n} distinct ids, one per update, got {ids}")
+        if self.use_history:
+            for row, cid in enumerate(ids):
+                past = self._history.get(cid)
+                self._history[cid] = updates[row].clone() if past is None else past + updates[row]
+            features = torch.stack([self._history[cid] for cid in ids])
+        else:
+            features = updates
+        wv = self.weights_from_similarity(cosine_similarities(features)[0], self.kappa)
+        update = (wv.to(updates.dtype) / n) @ updates
+        return RuleResult(
+            update=update,
+            flagged=(wv == 0).nonzero().flatten().tolist(),
+            info={"weights": wv.tolist()},
+        )
+
+    @staticmethod
+    def weights_from_similarity(cos: torch.Tensor, kappa: float) -> torch.Tensor:
+        """FoolsGold's weights. cos: Tensor[n, n] pairwise cosine similarities -> Tensor[n] in [0, 1]."""
+        n = cos.shape[0]
+        cs = cos - torch.eye(n, dtype=cos.dtype, device=cos.device)
+        max_cs = cs.max(dim=1).values
+        # Pardoning: when j looks more like a sybil than i does, i's similarity to j is scaled
+        # down by max_i / max_j, so an honest hospital is not punished for resembling a sybil.
+        row, col = max_cs[:, None], max_cs[None, :]
+        cs = torch.where(row < col, cs * row / col.clamp(min=torch.finfo(cos.dtype).tiny), cs)
+        wv = (1.0 - cs.max(dim=1).values).clamp(0.0, 1.0)
+        top = wv.max()
+        if float(top) <= 0:
+            return torch.zeros_like(wv)
+        wv = wv / top
+        wv = torch.where(wv == 1.0, torch.full_like(wv, 0.99), wv)
+        # log(0) = -inf is clamped to weight 0, as in the reference code.
+        wv = kappa * (torch.log(wv / (1.0 - wv)) + 0.5)
+        return wv.nan_to_num(nan=0.0).clamp(0.0, 1.0)
