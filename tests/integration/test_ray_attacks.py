@@ -1,0 +1,36 @@
+"""One Ray run per task where an attack measurably changes the attack success rate, and a
+robust rule reporting the hospitals it excluded."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import fedsec
+
+pytestmark = pytest.mark.ray
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def rounds_of(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+
+
+def test_cxr_model_replacement_plants_a_backdoor(tmp_path):
+    fedsec.run(str(ROOT / "scenarios" / "integrity_cxr.yaml"),
+               overrides=["federation.hospitals=4", "federation.rounds=3",
+                          "attacks=[{preset: model_replacement, hospitals: [0], rounds: [3, 3]}]"],
+               out=tmp_path, progress=False)
+    asr = [r["attack"]["asr"] for r in rounds_of(tmp_path)]
+    assert asr[1] < 0.2, "before the attack the trigger does nothing"
+    assert asr[2] > 0.5 and asr[2] - asr[1] > 0.4, asr
+
+
+def test_heart_ehr_backdoor_changes_asr_and_krum_flags(tmp_path):
+    out = tmp_path / "fedavg"
+    fedsec.run(str(ROOT / "scenarios" / "integrity_heart.yaml"),
+               overrides=["federation.rounds=4",
+                          "attacks=[{preset: ehr_trigger, hospitals: [3], boost: auto, rounds: [4, 4]}]"],
+               out=out, progress=False)
+    asr = [r["attack"]["asr"] for r in rounds_of(out)]
+    assert asr[3] - asr[2] > 0.3, asr
