@@ -20,14 +20,11 @@ class RunFailed(FedsecError):
         self.summary = summary
 
 
-def _unsupported(scenario) -> None:
-    p = scenario.privacy
-    for key, value in (("privacy.dp_sgd", p.dp_sgd), ("privacy.central_dp", p.central_dp),
-                       ("privacy.compression", p.compression)):
-        if value:
-            raise FedsecError(f"{key}: privacy defenses are not available in this version yet")
-    if p.secure_aggregation:
-        raise FedsecError("privacy.secure_aggregation: not available in this version yet")
+def _check_privacy(scenario, task) -> None:
+    from fedsec.federation.adversary import build_plans
+    from fedsec.privacy.defenses import check_privacy
+
+    check_privacy(scenario, task, build_plans(scenario, task.data.num_hospitals))
 
 
 class Progress:
@@ -76,6 +73,7 @@ def build_summary(scenario, run_dir: RunDir, status: str, t0: float, error: str 
         "per_hospital": last.get("per_hospital", {}),
         "attack": last.get("attack", {}),
         "defense": last.get("defense", {}),
+        "privacy": last.get("privacy", {}),
         "threat_model": derived_threat_model(scenario),
         "timing": {"wall_s": wall, "startup_s": max(wall - rounds_s, 0.0), "rounds_s": rounds_s,
                    "mean_round_s": rounds_s / len(rounds) if rounds else None},
@@ -106,8 +104,8 @@ def run(scenario, overrides=None, out=None, verbose: bool = False, resume: str |
     else:
         scenario = scenario if isinstance(scenario, Scenario) and not overrides else load_scenario(scenario, overrides)
         run_dir = RunDir.for_scenario(scenario, out)
-    _unsupported(scenario)
     task = build_task(scenario)  # data errors surface here, before any engine starts
+    _check_privacy(scenario, task)  # privacy options and combinations, before any engine starts
     hospitals = hospital_names(scenario, task)
 
     initial_state, offset = None, 0
@@ -189,6 +187,7 @@ def run_on_grid(grid, scenario_ref: str, overrides: str, out: str) -> dict:
     manifest["engine"]["name"] = "deployment"
     run_dir.write_manifest(manifest)
     task = build_task(scenario)
+    _check_privacy(scenario, task)
     status, error = "failed", None
     try:
         serve(grid, scenario, hospital_names(scenario, task), run_dir, Progress(scenario), task,

@@ -79,7 +79,7 @@ class FederationConfig:
 class PrivacyConfig:
     dp_sgd: Optional[Dict[str, Any]] = None
     central_dp: Optional[Dict[str, Any]] = None
-    secure_aggregation: bool = False
+    secure_aggregation: Any = False  # true, or options (see docs/privacy.md)
     compression: Optional[Dict[str, Any]] = None
 
 

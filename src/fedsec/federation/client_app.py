@@ -20,6 +20,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedsec.attacks.base import AttackContext
+from fedsec.privacy.central_dp import clipping_mod
+from fedsec.privacy.secagg import secagg_mod
 
 app = ClientApp()
 
@@ -91,7 +93,7 @@ def query(msg: Message, context: Context) -> Message:
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[secagg_mod, clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     from fedsec.federation.params import flatten_state, unflatten_state
     from fedsec.federation.training import train_local
@@ -121,7 +123,17 @@ def train(msg: Message, context: Context) -> Message:
 
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout and any other global-RNG use
-    stats = train_local(model, data, task, scenario.federation.local, generator, device)
+    privacy = scenario.privacy
+    dp_metrics: dict = {}
+    if privacy.dp_sgd:  # record-level DP: Opacus, epsilon from this hospital's history
+        from fedsec.privacy.dp_sgd import DPConfig, count_participation, train_dp_sgd
+
+        res = train_dp_sgd(model, data, task, scenario.federation.local, DPConfig.parse(privacy.dp_sgd),
+                           generator=generator, participations=count_participation(context.state, server_round),
+                           planned_rounds=scenario.federation.rounds, device=device)
+        stats, dp_metrics = {"loss": res.loss, "steps": res.steps}, res.metrics()
+    else:
+        stats = train_local(model, data, task, scenario.federation.local, generator, device)
 
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     for p in active:
@@ -131,10 +143,14 @@ def train(msg: Message, context: Context) -> Message:
             g = flatten_state(global_state)
             poisoned = p.attack.poison_update(g, flatten_state(state), ctx)
             state = unflatten_state(poisoned, state)
+    if privacy.compression:  # the wire format: every reply, attackers' included
+        from fedsec.privacy.compression import compress_state
+
+        state = compress_state(global_state, state, privacy.compression)
 
     metrics = MetricRecord({
         "num-examples": len(data), "hospital": hospital, "train_loss": stats["loss"],
-        "steps": stats["steps"], "seconds": time.perf_counter() - t0,
+        "steps": stats["steps"], "seconds": time.perf_counter() - t0, **dp_metrics,
     })
     return Message(content=RecordDict({"arrays": ArrayRecord(state), "metrics": metrics}), reply_to=msg)
 

@@ -93,6 +93,11 @@ class FedsecStrategy(FedAvg):
         self.hospital_of = dict(mapping)
         self.node_of = {h: nid for nid, h in mapping.items()}
 
+    def add_round_info(self, section: str, info: dict) -> None:
+        """Strategy wrappers (central DP, secure aggregation) add their figures to this round's
+        record (called after ``aggregate_train``, before the record is written)."""
+        self._train_info.setdefault(section, {}).update(info)
+
     def _r(self, server_round: int) -> int:
         return server_round + self.round_offset
 
@@ -158,6 +163,15 @@ class FedsecStrategy(FedAvg):
                       for h, c in zip(ids, contents)},
             "attack": {}, "defense": {},
         }
+        eps = {self._name(h): float(c["metrics"]["dp-epsilon"]) for h, c in zip(ids, contents)
+               if "dp-epsilon" in c["metrics"]}
+        if eps:  # DP-SGD: each hospital's cumulative (epsilon, delta) after this round
+            self.add_round_info("privacy", {"dp_sgd": {
+                "epsilon": eps, "epsilon_max": max(eps.values()),
+                "delta": {self._name(h): float(c["metrics"]["dp-delta"]) for h, c in zip(ids, contents)
+                          if "dp-delta" in c["metrics"]},
+                "noise_multiplier": {self._name(h): float(c["metrics"]["dp-noise-multiplier"])
+                                     for h, c in zip(ids, contents) if "dp-noise-multiplier" in c["metrics"]}}})
         server_hooks = [p for p in self.plans if p.active(r) and (p.has("collude") or p.has("observe"))]
         if self.rule is None and not server_hooks:
             arrays = aggregate_arrayrecords(contents, self.weighted_by_key)
@@ -369,18 +383,23 @@ def serve(grid: Grid, scenario, hospitals: list[str], run_dir=None, on_round=Non
         # Flower's in-memory (simulation) grid polls for replies every 0.1 s; with two
         # exchanges per round that polling was most of a small task's per-round cost.
         grid.pull_interval = min(float(grid.pull_interval), 0.01)
-    mapping, _ = introduce_nodes(grid, scenario_text, n, scenario.federation.timeout_s)
+    mapping, sizes = introduce_nodes(grid, scenario_text, n, scenario.federation.timeout_s)
     server_task = ServerTask(scenario, task)
     plans = build_plans(scenario, n)
     strategy = FedsecStrategy(scenario, hospitals, plans, server_task, run_dir, on_round, round_offset)
     strategy.bind_nodes(mapping)
+    from fedsec.privacy.defenses import wrap_strategy
+
+    outer = wrap_strategy(strategy, scenario, num_hospitals=n,
+                          max_train_size=max((s["num-train"] for s in sizes.values()), default=None),
+                          previous_rounds=run_dir.read_rounds() if (run_dir is not None and round_offset) else None)
     if initial_state is None:
         initial_state = server_task.task.make_model(seed=scenario.seed).state_dict() if task is not None else \
             _initial_state(scenario, n)
     remaining = scenario.federation.rounds - round_offset
     if remaining > 0:
         config = ConfigRecord({"scenario": scenario_text})
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(initial_state), num_rounds=remaining,
+        outer.start(grid=grid, initial_arrays=ArrayRecord(initial_state), num_rounds=remaining,
                        timeout=scenario.federation.timeout_s, train_config=config,
                        evaluate_config=ConfigRecord({"scenario": scenario_text}))
     return strategy
