@@ -93,13 +93,12 @@ def monai_densenet121(input_shape, num_classes: int, opacus: bool = False, **kw)
 
 def _monai_resnet(depth: int):
     def build(input_shape, num_classes: int, opacus: bool = False, **kw):
-        from monai.networks.nets import ResNet, get_inplanes
-
-        from monai.networks.nets.resnet import ResNetBasicBlock
+        from monai.networks.nets import ResNet
+        from monai.networks.nets.resnet import ResNetBlock, get_inplanes
 
         layers = {10: [1, 1, 1, 1], 18: [2, 2, 2, 2]}[depth]
         act = ("relu", {"inplace": False}) if opacus else ("relu", {"inplace": True})
-        net = ResNet(block=ResNetBasicBlock, layers=layers, block_inplanes=get_inplanes(), spatial_dims=2,
+        net = ResNet(block=ResNetBlock, layers=layers, block_inplanes=get_inplanes(), spatial_dims=2,
                      n_input_channels=input_shape[0], num_classes=num_classes, act=act, **kw)
         return _opacus_fix(net) if opacus else net
 
@@ -120,10 +119,20 @@ def monai_efficientnet_b0(input_shape, num_classes: int, opacus: bool = False, *
     return net
 
 
+# Smallest image side each MONAI net runs at (their stem + four stride-2 stages shrink a
+# 28x28 MedMNIST image to nothing); measured with a forward pass.
+MIN_IMAGE_SIZE = {"densenet121": 32, "efficientnet_b0": 64}
+
+
 def build_model(name: str, input_shape, num_classes: int, options: dict | None = None,
                 seed: int | None = None) -> nn.Module:
     """The model ``name`` with ``options`` (task.model_options), initialised from ``seed``."""
     factory = MODELS.get(name, key="task.model")
+    need = MIN_IMAGE_SIZE.get(name)
+    if need and len(input_shape) == 3 and min(input_shape[1:]) < need:
+        raise FedsecError(f"task.model: {name} needs images of at least {need}x{need}, the task's are "
+                          f"{input_shape[1]}x{input_shape[2]}; set task.options.image_size: {need} (or more), "
+                          "use a MedMNIST file of that size, or pick small_cnn / resnet10")
     options = dict(options or {})
     if seed is not None:
         torch.manual_seed(seed)
