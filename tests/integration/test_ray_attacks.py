@@ -26,7 +26,7 @@ def test_cxr_model_replacement_plants_a_backdoor(tmp_path):
     assert asr[2] > 0.5 and asr[2] - asr[1] > 0.4, asr
 
 
-def test_heart_ehr_backdoor_changes_asr_and_krum_flags(tmp_path):
+def test_heart_ehr_backdoor_changes_asr(tmp_path):
     out = tmp_path / "fedavg"
     fedsec.run(str(ROOT / "scenarios" / "integrity_heart.yaml"),
                overrides=["federation.rounds=4",
@@ -34,3 +34,11 @@ def test_heart_ehr_backdoor_changes_asr_and_krum_flags(tmp_path):
                out=out, progress=False)
     asr = [r["attack"]["asr"] for r in rounds_of(out)]
     assert asr[3] - asr[2] > 0.3, asr
+
+
+def test_multi_krum_flags_the_byzantine_hospital_by_name(tmp_path):
+    fedsec.run(str(ROOT / "scenarios" / "integrity_cxr.yaml"),
+               overrides=["federation.hospitals=6", "federation.rounds=1", "strategy=multi_krum",
+                          "attacks=[{preset: gaussian, hospitals: [2]}]"],
+               out=tmp_path, progress=False)
+    assert [r["defense"]["flagged"] for r in rounds_of(tmp_path)] == [["hospital_2"]]
