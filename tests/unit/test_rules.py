@@ -104,6 +104,21 @@ def test_trimmed_mean_of_known_matrix():
     assert make_rule("trimmed_mean", beta=0.3)(x, ones(5)).info["trim"] == 1
 
 
+def test_order_statistics_with_ties_and_the_smallest_sizes():
+    # Duplicates (e.g. several hospitals sending 0) must not shift the selected ranks.
+    x = T([[1.0, 3.0], [1.0, 3.0], [3.0, 3.0], [4.0, 0.0]])
+    assert make_rule("median")(x, ones(4)).update.tolist() == [2.0, 3.0]
+    assert make_rule("trimmed_mean", trim=1)(x, ones(4)).update.tolist() == [2.0, 3.0]
+    # n - 2*trim = 1: the trimmed mean is the median.
+    y = T([[5.0], [-7.0], [2.0]])
+    assert make_rule("trimmed_mean", trim=1)(y, ones(3)).update.tolist() == [2.0]
+    g = torch.Generator().manual_seed(17)
+    z = torch.randint(-3, 4, (12, 500), generator=g).float()  # many ties per column
+    np.testing.assert_allclose(coordinate_median(z).numpy(), np.median(z.numpy(), axis=0))
+    expected = np.sort(z.numpy(), axis=0)[3:9].mean(axis=0)
+    np.testing.assert_allclose(coordinate_trimmed_mean(z, 3).numpy(), expected, rtol=1e-6)
+
+
 def test_trimmed_mean_without_trimming_is_the_mean():
     x = torch.randn(7, 33, generator=torch.Generator().manual_seed(2))
     for rule in (make_rule("trimmed_mean", beta=0.0), make_rule("trimmed_mean", trim=0)):
@@ -118,7 +133,8 @@ def test_coordinatewise_rules_agree_with_numpy_and_flower():
         x = torch.randn(n, 3001, generator=torch.Generator().manual_seed(n))
         xn = x.numpy()
         np.testing.assert_allclose(coordinate_median(x).numpy(), np.median(xn, axis=0), rtol=1e-6)
-        np.testing.assert_allclose(coordinate_trimmed_mean(x, 2).numpy(), trim_mean(xn, 2 / n + 1e-9), rtol=1e-5, atol=1e-6)
+        expected = trim_mean(xn, 2 / n + 1e-9)  # Flower cuts int(beta * n) = 2 from each end
+        np.testing.assert_allclose(coordinate_trimmed_mean(x, 2).numpy(), expected, rtol=1e-5, atol=1e-6)
         med = [np.median(xn, axis=0)]
         expected = aggregate_n_closest_weights(med, [[row] for row in xn], n - 2)[0]
         np.testing.assert_allclose(coordinate_mean_around_median(x, n - 2).numpy(), expected, rtol=1e-5, atol=1e-6)
@@ -165,6 +181,21 @@ def test_bulyan_on_a_line_by_hand():
 def test_bulyan_coordinate_step_by_hand():
     x = T([[0.0], [2.9], [3.0], [3.2], [10.0]])
     assert coordinate_mean_around_median(x, 3).item() == pytest.approx((2.9 + 3.0 + 3.2) / 3)
+    # Uneven drops: the median of [-9, 0, 1, 1.2, 1.3, 8] is 1.1; the 3 farthest are -9, 8 and
+    # 0 (two below, one above), leaving 1, 1.2, 1.3.
+    y = T([[-9.0], [0.0], [1.0], [1.2], [1.3], [8.0]])
+    assert coordinate_mean_around_median(y, 3).item() == pytest.approx((1.0 + 1.2 + 1.3) / 3)
+
+
+@pytest.mark.parametrize("m,keep", [(7, 3), (8, 2), (9, 1), (12, 6), (40, 30), (41, 31)])
+def test_bulyan_coordinate_step_matches_flower_for_every_drop_count(m, keep):
+    # keep <= m/2 takes the all-rows path, the others the candidates-only path.
+    from flwr.serverapp.strategy.bulyan import aggregate_n_closest_weights
+
+    x = torch.randn(m, 2000, generator=torch.Generator().manual_seed(m), dtype=torch.float64)
+    xn = x.numpy()
+    expected = aggregate_n_closest_weights([np.median(xn, axis=0)], [[row] for row in xn], keep)[0]
+    np.testing.assert_allclose(coordinate_mean_around_median(x, keep).numpy(), expected, rtol=1e-10, atol=1e-12)
 
 
 def test_bulyan_agrees_with_flower_recursive_bulyan():
@@ -418,11 +449,14 @@ def test_unknown_rule_suggests_the_closest_name():
 
 
 def test_unknown_option_names_it_and_lists_the_valid_ones():
-    with pytest.raises(FedsecError, match=r"no option 'betta'; did you mean 'beta'\?; valid options: beta \(default 0.2\), trim"):
+    expected = r"no option 'betta'; did you mean 'beta'\?; valid options: beta \(default 0.2\), trim"
+    with pytest.raises(FedsecError, match=expected):
         make_rule("trimmed_mean", betta=0.1)
     with pytest.raises(FedsecError, match="'median' has no option 'trim'; valid options: none"):
         make_rule("median", trim=1)
-    assert rule_options("dnc") == {"num_malicious": None, "filter_fraction": 1.0, "iterations": 1, "subsample_dim": 10000}
+    assert rule_options("dnc") == {
+        "num_malicious": None, "filter_fraction": 1.0, "iterations": 1, "subsample_dim": 10000
+    }
 
 
 @pytest.mark.parametrize(

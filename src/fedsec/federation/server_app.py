@@ -217,7 +217,7 @@ class FedsecStrategy(FedAvg):
             f = self.scenario.strategy.get("num_malicious")
             f = len(self.malicious) if f is None else f
             ctx = RuleContext(global_params=g, root_update=self._root_update(r, template), generator=gen,
-                              server_round=r, num_malicious=int(f))
+                              server_round=r, num_malicious=int(f), client_ids=list(ids))
             res = self.rule(updates, weights, ctx)
             agg, flagged, info = res.update, res.flagged, res.info
         self._train_info["defense"] = {"flagged": [self._name(ids[i]) for i in flagged],

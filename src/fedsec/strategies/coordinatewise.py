@@ -35,16 +35,18 @@ def column_blocks(updates: torch.Tensor, rows: torch.Tensor | None = None):
         yield cols, block if rows is None else block.index_select(0, rows)
 
 
-def partition_rows(block: torch.Tensor, kth: tuple[int, ...]) -> torch.Tensor:
-    """Reorder each column so that row k holds the column's k-th smallest value, for every k in
-    ``kth``; rows before k hold values <= it and rows after, values >= it.
+def partition_at(block: torch.Tensor, k: int) -> torch.Tensor:
+    """Reorder each column so that row k holds the column's k-th smallest value (0-based), the
+    rows before it values <= it and the rows after it values >= it.
 
     block: Tensor[n, c] -> Tensor[n, c]. On CPU this is numpy's introselect (``np.partition``,
-    O(n) per column, several k at once), about twice as fast here as ``torch.sort``, which is
-    the only way torch offers to get several order statistics at once (on GPU it is used).
+    O(n) per column); torch has no partial selection that returns the partitioned block, and
+    ``torch.sort`` was twice as slow here. On other devices the block is sorted, which
+    satisfies the same contract. One k per call: numpy's path for several k at once measured
+    3x slower here than two single-k calls.
     """
     if block.device.type == "cpu" and block.dtype in _NUMPY_DTYPES and not block.requires_grad:
-        return torch.from_numpy(np.partition(block.numpy(), kth, axis=0))
+        return torch.from_numpy(np.partition(block.numpy(), k, axis=0))
     return torch.sort(block, dim=0).values
 
 
@@ -52,9 +54,23 @@ def _median_of_block(block: torch.Tensor) -> torch.Tensor:
     """block: Tensor[n, c] -> Tensor[c], the mean of the two middle values when n is even
     (as ``np.median``)."""
     n = block.shape[0]
-    lo, hi = (n - 1) // 2, n // 2
-    part = partition_rows(block, (lo, hi) if lo != hi else (lo,))
-    return (part[lo] + part[hi]) / 2 if lo != hi else part[lo]
+    upper = n // 2
+    part = partition_at(block, upper)
+    if n % 2:
+        return part[upper]
+    # The lower middle value is the largest of the n/2 values below the upper one.
+    return (part[:upper].amax(dim=0) + part[upper]) / 2
+
+
+def _trimmed_mean_of_block(block: torch.Tensor, trim: int) -> torch.Tensor:
+    """block: Tensor[n, c] -> Tensor[c], the mean of each column's sorted values trim..n-trim-1."""
+    n = block.shape[0]
+    last = n - trim - 1  # the largest kept value's rank
+    part = partition_at(block, last)  # rows after `last`: the trim largest
+    if last == trim:
+        return part[last]
+    low = partition_at(part[:last], trim)  # rows before `trim`: the trim smallest
+    return (low[trim:].sum(dim=0) + part[last]) / (n - 2 * trim)
 
 
 def coordinate_median(updates: torch.Tensor) -> torch.Tensor:
@@ -77,9 +93,35 @@ def coordinate_trimmed_mean(updates: torch.Tensor, trim: int) -> torch.Tensor:
         return updates.mean(dim=0)
     out = torch.empty(updates.shape[1], dtype=updates.dtype, device=updates.device)
     for cols, block in column_blocks(updates):
-        part = partition_rows(block, (trim, n - trim - 1))
-        out[cols] = part[trim : n - trim].mean(dim=0)
+        out[cols] = _trimmed_mean_of_block(block, trim)
     return out
+
+
+def _mean_around_median_of_block(block: torch.Tensor, keep: int) -> torch.Tensor:
+    """block: Tensor[m, c] -> Tensor[c], per column the mean of the ``keep`` values closest to
+    the column's median (the m - keep farthest are dropped)."""
+    m = block.shape[0]
+    drop, half = m - keep, m // 2
+    if drop > half:
+        # Few rows for many drops (m close to 4f + 3): look for the farthest among all rows.
+        med = _median_of_block(block)
+        far = (block - med).abs_().topk(drop, dim=0).indices
+        kept = torch.ones(block.shape, dtype=torch.bool, device=block.device)
+        kept.scatter_(0, far, False)
+        return torch.where(kept, block, 0.0).sum(dim=0) / keep
+    # The values farthest from the median are a prefix and a suffix of the sorted column, so
+    # they are among the `drop` smallest and the `drop` largest: partition, then choose among
+    # those 2*drop candidates only (1.7x faster here than topk over all m rows).
+    part = partition_at(block, half)  # rows < half: the smaller half; row half: upper middle
+    med = part[half] if m % 2 else (part[:half].amax(dim=0) + part[half]) / 2
+    lower = partition_at(part[:half], drop - 1)  # rows < drop: the drop smallest
+    upper = partition_at(part[half:], m - half - drop)  # last drop rows: the drop largest
+    candidates = torch.cat([lower[:drop], upper[m - half - drop :]])
+    far = (candidates - med).abs_().topk(drop, dim=0).indices
+    kept = torch.ones(candidates.shape, dtype=torch.bool, device=block.device)
+    kept.scatter_(0, far, False)
+    inner = lower[drop:].sum(dim=0) + upper[: m - half - drop].sum(dim=0)
+    return (inner + torch.where(kept, candidates, 0.0).sum(dim=0)) / keep
 
 
 def coordinate_mean_around_median(
@@ -91,18 +133,11 @@ def coordinate_mean_around_median(
     coordinate, the mean over those rows of the ``keep`` values closest to their median.
     """
     m = updates.shape[0] if rows is None else len(rows)
-    drop = m - keep
-    if drop == 0:
+    if keep == m:
         return updates.mean(dim=0) if rows is None else updates.index_select(0, rows).mean(dim=0)
     out = torch.empty(updates.shape[1], dtype=updates.dtype, device=updates.device)
     for cols, block in column_blocks(updates, rows):
-        med = _median_of_block(block)
-        # The values farthest from the median are few (2f), so finding them with topk is
-        # cheaper than selecting the `keep` closest.
-        far = (block - med).abs_().topk(drop, dim=0).indices
-        kept = torch.ones(block.shape, dtype=torch.bool, device=block.device)
-        kept.scatter_(0, far, False)
-        out[cols] = torch.where(kept, block, 0.0).sum(dim=0) / keep
+        out[cols] = _mean_around_median_of_block(block, keep)
     return out
 
 
