@@ -72,7 +72,7 @@ def run_grid(task: str, seeds: list[int], out: Path, table_only: bool = False) -
     for i, (attack, defense, seed, ov, run_dir) in enumerate(cells, 1):
         summary_file = run_dir / "summary.json"
         status = json.loads(summary_file.read_text())["status"] if summary_file.exists() else None
-        if table_only and status is None:
+        if table_only and status in (None, "running"):
             continue
         if status != "completed" and not table_only:
             print(f"[{i}/{len(cells)}] {attack} vs {defense}, seed {seed} ...", file=sys.stderr, flush=True)

@@ -55,8 +55,11 @@ def _float_state(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 def flat_params(model: torch.nn.Module) -> torch.Tensor:
-    """``Tensor[d]`` (float32): the float entries of ``model.state_dict()`` in order, flattened."""
-    return torch.cat([v.detach().reshape(-1).float().cpu() for _, v in _float_state(model)])
+    """``Tensor[d]`` (float32): the float entries of ``model.state_dict()`` in order, flattened
+    (the layout the framework sends updates in: fedsec.federation.params)."""
+    from fedsec.federation.params import flatten_state
+
+    return flatten_state(model.state_dict()).cpu()
 
 
 def load_flat_params(model: torch.nn.Module, vec: torch.Tensor) -> torch.nn.Module:
