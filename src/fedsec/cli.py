@@ -162,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("items", nargs="*", metavar="SCENARIO|key=value")
     p.set_defaults(fn=cmd_validate)
 
+    from fedsec.report import add_report_parser
+    from fedsec.sweep import add_sweep_parser
+
+    add_sweep_parser(sub)
+    add_report_parser(sub)
+
     p = sub.add_parser("list", help="list tasks, models, strategies, attacks, scenarios")
     p.add_argument("what", nargs="?", choices=["tasks", "models", "strategies", "attacks", "scenarios"])
     p.set_defaults(fn=cmd_list)

@@ -30,7 +30,8 @@ def _check_privacy(scenario, task) -> None:
 class Progress:
     """One line per round on stderr: metrics, round time, ETA."""
 
-    def __init__(self, scenario, enabled: bool = True, stream=None):
+    def __init__(self, scenario, enabled: bool = True, stream=None, tracker=None):
+        self.tracker = tracker  # TensorBoard (output.tensorboard), or None
         self.total = scenario.federation.rounds
         self.enabled = enabled
         self.stream = stream or sys.stderr
@@ -38,6 +39,8 @@ class Progress:
 
     def __call__(self, record: dict) -> None:
         self.times.append(record["time_s"])
+        if self.tracker:
+            self.tracker(record)
         if not self.enabled:
             return
         g = record["global"]
@@ -127,9 +130,12 @@ def run(scenario, overrides=None, out=None, verbose: bool = False, resume: str |
         print(f"fedsec: {scenario.name} | {len(hospitals)} hospitals | {scenario.federation.rounds} rounds | "
               f"{scenario.engine.name} -> {run_dir.path}", file=sys.stderr, flush=True)
 
+    from fedsec.tracking import TensorBoardTracker
+
+    tracker = TensorBoardTracker.for_run(scenario, run_dir, resumed_from_round=offset)
     status, error = "failed", None
     try:
-        _engine_run(scenario, hospitals, task, run_dir, Progress(scenario, progress), verbose,
+        _engine_run(scenario, hospitals, task, run_dir, Progress(scenario, progress, tracker=tracker), verbose,
                     initial_state, offset)
         status = "completed"
     except KeyboardInterrupt:
@@ -140,6 +146,8 @@ def run(scenario, overrides=None, out=None, verbose: bool = False, resume: str |
     except Exception as err:  # a bug or a library failure: keep the results, say what happened
         error = f"{type(err).__name__}: {err}"
     finally:
+        if tracker:
+            tracker.close()
         summary = build_summary(scenario, run_dir, status, t0, error)
         if status == "completed" and summary["rounds"] < scenario.federation.rounds:
             summary["status"], summary["error"] = "failed", (

@@ -212,11 +212,14 @@ def list_presets(kind: str, near: Path | None = None) -> dict[str, Path]:
     return found
 
 
+_SINGULAR = {"attacks": "attack", "strategies": "strategy", "scenarios": "scenario"}
+
+
 def load_preset(kind: str, name: str, key: str, file: str, near: Path | None) -> dict:
     presets = list_presets(kind, near)
     if name not in presets:
         raise ScenarioError(
-            f"unknown {kind[:-1] if kind.endswith('s') else kind} preset '{name}'"
+            f"unknown {_SINGULAR.get(kind, kind)} preset '{name}'"
             f"{did_you_mean(name, presets)}; available: {', '.join(sorted(presets)) or '(none)'}",
             file=file, key=key,
         )

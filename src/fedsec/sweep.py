@@ -1,0 +1,1083 @@
+"""``fedsec sweep``: a grid of scenario overrides x seeds, one run folder per cell.
+
+    fedsec sweep scenarios/heart_sweep.yaml --grid attacks=none,label_flip,alie \\
+        --grid strategy=fedavg,krum,median --seeds 0,1,2 --out runs/heart-sweep
+
+Layout of the sweep folder (what ``fedsec report`` reads)::
+
+    sweep.json             grid, seeds, command, every cell with its status
+    cells/<cell-id>/       one ordinary run folder per cell (scenario.yaml, rounds.jsonl, summary.json, log.txt)
+    sweep.csv              one row per cell: grid values, seed, status, error, final metrics, attack metrics, timing
+    summary.csv            mean / std over seeds per (row, column) of the table
+    summary.md             the same as a Markdown table (rows x columns chosen by --rows / --cols)
+
+How it runs:
+
+- Every cell's scenario is loaded and validated first; an invalid key or value stops the
+  sweep before anything starts (exit 2), naming the cell and the key.
+- Ray starts once per worker slot, not once per cell: each slot is one Ray head (``ray.init``
+  in a holder process, loopback, private temp dir) and one worker process that imports
+  torch/Flower once and runs its cells one after the other with ``engine.address`` set to
+  its head. Slots run side by side; Flower sizes its actor pool from the whole cluster, so
+  two runs sharing one head would queue behind each other — hence one head per slot.
+  Default ``--parallel``: as many slots as the CPUs hold cells (hospitals x engine.num_cpus
+  per cell), at least 1.
+- Resumable: re-running the same command skips cells whose summary.json says
+  ``completed`` (and whose resolved scenario is unchanged). Failed, interrupted,
+  SIGKILLed (summary still ``running``) and missing cells are run again **from scratch**:
+  their folder is emptied first, so a resumed sweep's tables equal an uninterrupted one's.
+- A failing cell is recorded (status + error in sweep.json and the tables) and the sweep
+  goes on. Exit code: 0 all completed, 1 some cell failed, 2 invalid input, 130 Ctrl-C.
+- Every process the sweep starts (Ray heads, workers) dies with it: Ctrl-C and errors stop
+  them in order; if the sweep itself is killed, Linux's parent-death signal stops them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import itertools
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedsec.errors import FedsecError, ScenarioError
+
+# The attack's own success measure, first one present wins (backdoor ASR, reconstruction
+# PSNR, membership-inference AUROC).
+ATTACK_METRICS = ("asr", "psnr", "mia_auroc", "auroc_mean", "records_recovered", "ssim", "label_acc",
+                  "advantage_mean")
+METRIC_KEYS = ("loss", "accuracy", "auroc", "sensitivity", "specificity", "balanced_accuracy")
+TIMING_KEYS = ("wall_s", "startup_s", "rounds_s")
+FINISHED = "completed"
+
+
+# --------------------------------------------------------------------------------------
+# Grid
+# --------------------------------------------------------------------------------------
+
+
+def split_values(text: str) -> list[str]:
+    """``a,b,[c,d],{x: 1, y: 2}`` -> ``['a', 'b', '[c,d]', '{x: 1, y: 2}']`` (commas inside
+    brackets, braces or quotes belong to the value)."""
+    out, depth, quote, cur = [], 0, None, []
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            out.append("".join(cur).strip())
+            cur = []
+            continue
+        cur.append(ch)
+    out.append("".join(cur).strip())
+    return out
+
+
+def parse_grid(items: list[str] | dict | None) -> dict[str, list[str]]:
+    """``["attacks=none,alie", "strategy=fedavg,krum"]`` -> ``{"attacks": [...], ...}`` (order kept)."""
+    if not items:
+        return {}
+    if isinstance(items, dict):
+        return {str(k): [str(v) for v in (vs if isinstance(vs, (list, tuple)) else [vs])] for k, vs in items.items()}
+    grid: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ScenarioError(f"--grid expects key=v1,v2,..., got '{item}'", file="command line")
+        values = split_values(raw)
+        if any(v == "" for v in values):
+            raise ScenarioError(f"--grid {key}: empty value in '{raw}'", file="command line", key=key)
+        if key in grid:
+            raise ScenarioError(f"--grid {key} given twice", file="command line", key=key)
+        if len(set(values)) != len(values):
+            raise ScenarioError(f"--grid {key}: repeated value in '{raw}'", file="command line", key=key)
+        grid[key] = values
+    return grid
+
+
+def parse_seeds(text: str | list | None) -> list[int] | None:
+    """``"0,1,2"`` or ``"0-4"`` (inclusive) -> list of ints; None keeps the scenario's seed."""
+    if text is None or text == "":
+        return None
+    if isinstance(text, (list, tuple)):
+        return [int(s) for s in text]
+    seeds: list[int] = []
+    try:
+        for part in split_values(str(text)):
+            if re.fullmatch(r"\d+-\d+", part):
+                a, b = (int(x) for x in part.split("-"))
+                seeds.extend(range(a, b + 1))
+            else:
+                seeds.append(int(part))
+    except ValueError:
+        raise ScenarioError(f"--seeds expects integers like 0,1,2 or 0-4, got '{text}'", file="command line",
+                            key="seed") from None
+    if len(set(seeds)) != len(seeds):
+        raise ScenarioError(f"--seeds: repeated seed in '{text}'", file="command line", key="seed")
+    return seeds
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
+
+
+@dataclass
+class Cell:
+    """One point of the grid: its values (grid key -> value text), its seed, its overrides."""
+
+    values: dict[str, str]
+    seed: int | None
+    overrides: list[str]
+    id: str = ""
+    status: str = "pending"
+    error: str | None = None
+    wall_s: float | None = None
+    digest: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        parts = [f"{k}={v}" for k, v in self.values.items()]
+        if self.seed is not None:
+            parts.append(f"seed={self.seed}")
+        return ",".join(parts) or "base"
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "values": self.values, "seed": self.seed, "overrides": self.overrides,
+                "status": self.status, "error": self.error, "wall_s": self.wall_s,
+                "path": f"cells/{self.id}", "digest": self.digest}
+
+
+def cell_id(values: dict[str, str], seed: int | None, overrides: list[str]) -> str:
+    """Readable and unique: ``attacks=alie,strategy=krum,seed=1-ab12cd``."""
+    parts = [f"{k.split('.')[-1] if len(k) > 24 else k}={v}" for k, v in values.items()]
+    if seed is not None:
+        parts.append(f"seed={seed}")
+    readable = _SAFE.sub("_", ",".join(parts) or "base").strip("_")[:96]
+    h = hashlib.sha1(json.dumps([overrides, seed], sort_keys=True).encode()).hexdigest()[:6]
+    return f"{readable}-{h}"
+
+
+def expand(grid: dict[str, list[str]], seeds: list[int] | None, base_overrides: list[str] | None = None) -> list[Cell]:
+    """The cartesian product of the grid's values x seeds (seeds innermost)."""
+    if seeds is not None and "seed" in grid:
+        raise ScenarioError("give seeds either with --seeds or with --grid seed=..., not both",
+                            file="command line", key="seed")
+    keys = list(grid)
+    seed_list: list[int | None] = list(seeds) if seeds is not None else [None]
+    cells = []
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        for seed in seed_list:
+            values = dict(zip(keys, combo))
+            overrides = list(base_overrides or []) + [f"{k}={v}" for k, v in values.items()]
+            if seed is not None:
+                overrides.append(f"seed={seed}")
+            cell = Cell(values=values, seed=seed, overrides=overrides)
+            cell.id = cell_id(values, seed, overrides)
+            cells.append(cell)
+    return cells
+
+
+def scenario_digest(scenario_dict: dict) -> str:
+    """Digest of a resolved scenario, ignoring where it ran (engine.address) and output.dir."""
+    import yaml
+
+    d = json.loads(json.dumps(scenario_dict))
+    d.get("engine", {}).pop("address", None)
+    d.get("output", {}).pop("dir", None)
+    return hashlib.sha256(yaml.safe_dump(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def validate_cells(scenario_path, cells: list[Cell]) -> list:
+    """Load every cell's scenario (raises before anything runs). Returns the Scenarios."""
+    from fedsec.federation.engine import check_resources
+    from fedsec.scenario import load_scenario
+
+    loaded, problems = [], {}
+    for cell in cells:
+        try:
+            s = load_scenario(scenario_path, cell.overrides)
+            if s.engine.name != "ray":
+                raise ScenarioError("a sweep runs on Flower's simulation engine: engine.name must be 'ray'",
+                                    key="engine.name")
+            check_resources(s)
+        except FedsecError as err:
+            # one line per distinct problem (a bad value repeats over seeds and other keys)
+            problems.setdefault(str(err), cell.label)
+            continue
+        cell.digest = scenario_digest(s.to_dict())
+        loaded.append(s)
+    if problems:
+        lines = [f"{msg} (first in cell {label})" for msg, label in problems.items()]
+        raise ScenarioError("invalid sweep, nothing was run:\n  " + "\n  ".join(lines))
+    return loaded
+
+
+def cell_need(scenario) -> float:
+    """CPUs one cell occupies: its hospitals x engine.num_cpus."""
+    from fedsec.scenario import expected_hospitals
+
+    n = expected_hospitals(scenario) or 1
+    return n * float(scenario.engine.num_cpus)
+
+
+def default_parallel(scenarios: list, cpus: int | None = None) -> int:
+    cpus = cpus or os.cpu_count() or 1
+    need = max((cell_need(s) for s in scenarios), default=1.0)
+    return max(1, int(cpus // max(need, 1e-9)))
+
+
+def default_out(scenario_path, grid, seeds, base_overrides) -> Path:
+    """Deterministic, so re-running the same command resumes the same sweep."""
+    from fedsec.scenario import load_scenario
+
+    name = load_scenario(scenario_path, base_overrides).name
+    key = json.dumps([str(Path(scenario_path).resolve()), grid, seeds, base_overrides], sort_keys=True)
+    return Path("runs") / "sweeps" / f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+
+
+def cell_state(sweep_dir: Path, cell: Cell) -> tuple[str, str | None]:
+    """(status, error) of a cell from its folder: completed | failed | interrupted | missing | stale."""
+    from fedsec.results import read_json
+
+    path = sweep_dir / "cells" / cell.id
+    summary_file = path / "summary.json"
+    if not summary_file.exists():
+        return "missing", None
+    try:
+        summary = read_json(summary_file)
+    except (OSError, ValueError):
+        return "interrupted", "summary.json unreadable"
+    status = summary.get("status")
+    if status == FINISHED and cell.digest:
+        try:
+            import yaml
+
+            on_disk = scenario_digest(yaml.safe_load((path / "scenario.yaml").read_text()))
+        except Exception:
+            on_disk = None
+        if on_disk != cell.digest:
+            return "stale", "the scenario changed since this cell ran"
+    if status == "running":
+        return "interrupted", "the sweep was stopped while this cell ran"
+    return status or "missing", summary.get("error")
+
+
+# --------------------------------------------------------------------------------------
+# Processes: Ray heads and cell workers
+# --------------------------------------------------------------------------------------
+
+
+def _die_with_parent(parent_pid: int, sig: int = signal.SIGTERM) -> None:
+    """Linux: get ``sig`` when the sweep process dies (even by SIGKILL); no orphans."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, int(sig))  # PR_SET_PDEATHSIG
+    except Exception:  # not Linux: Ctrl-C / errors still stop children in order
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _interrupt(signum, frame):
+    # A second signal while cleaning up must not be ignored forever.
+    signal.signal(signal.SIGTERM, lambda *a: os._exit(143))
+    raise KeyboardInterrupt
+
+
+def _ray_head_main(conn, parent_pid: int, num_cpus: float, num_gpus: int, temp_dir: str, log_file: str) -> None:
+    """Holder process of one Ray head: ``ray.init`` here, hand out the address, wait, shut down,
+    remove Ray's temp dir (also when the sweep was killed: the parent-death signal lands here)."""
+    _die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        _Redirect(Path(log_file)).__enter__()  # Ray's own messages go to the sweep's logs/, not the terminal
+        _ray_head_serve(conn, num_cpus, num_gpus, temp_dir)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _ray_head_serve(conn, num_cpus: float, num_gpus: int, temp_dir: str) -> None:
+    import logging
+
+    from fedsec.federation.engine import quiet
+
+    quiet(False)
+    try:
+        import ray
+
+        args = dict(num_cpus=num_cpus, _node_ip_address="127.0.0.1", _temp_dir=temp_dir, include_dashboard=False,
+                    logging_level=logging.ERROR, log_to_driver=False)
+        if num_gpus:
+            args["num_gpus"] = num_gpus
+        ctx = ray.init(**args)
+        conn.send({"address": ctx.address_info["gcs_address"]})
+    except BaseException as err:  # noqa: BLE001 - report anything to the sweep
+        try:
+            conn.send({"error": f"{type(err).__name__}: {err}"})
+        finally:
+            return
+    try:
+        conn.recv()  # "stop", or EOF when the sweep goes away
+    except (EOFError, KeyboardInterrupt, OSError):
+        pass
+    finally:
+        try:
+            ray.shutdown()
+        except BaseException:  # noqa: BLE001
+            pass
+
+
+class _Redirect:
+    """Send this process's stdout/stderr (file descriptors 1 and 2, so Ray's and Flower's
+    output too) to the cell's log.txt."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        return self
+
+    def __exit__(self, *exc):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        return False
+
+
+def _cell_worker_main(conn, parent_pid: int, address: str, scenario_path: str) -> None:
+    """One worker slot: imports torch/Flower once, runs the cells it is sent, one at a time.
+    Exits with os._exit: Flower / Ray threads left behind by an interrupted run must not keep
+    the process alive (the cell's summary is already written by then)."""
+    try:
+        _cell_worker_loop(conn, parent_pid, address, scenario_path)
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(0)
+
+
+def _cell_worker_loop(conn, parent_pid: int, address: str, scenario_path: str) -> None:
+    _die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the sweep decides; it sends SIGTERM
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        import fedsec
+        from fedsec.runner import RunFailed
+
+        while True:
+            try:
+                msg = conn.recv()
+            except EOFError:
+                return
+            if msg is None:
+                return
+            path = Path(msg["path"])
+            if path.exists():
+                shutil.rmtree(path)  # unfinished cells restart from scratch (see module doc)
+            path.mkdir(parents=True)
+            t0 = time.perf_counter()
+            with _Redirect(path / "log.txt"):
+                print(f"fedsec sweep cell {msg['id']}: fedsec run {scenario_path} {' '.join(msg['overrides'])}",
+                      flush=True)
+                try:
+                    fedsec.run(scenario_path, overrides=msg["overrides"] + [f"engine.address={address}"],
+                               out=path, progress=True)
+                    result = {"status": FINISHED, "error": None}
+                except RunFailed as err:
+                    result = {"status": err.summary.get("status", "failed"), "error": err.summary.get("error")}
+                except KeyboardInterrupt:
+                    conn.send({"status": "interrupted", "error": "interrupted", "wall_s": time.perf_counter() - t0})
+                    return
+                except BaseException as err:  # noqa: BLE001 - a cell's failure must not stop the sweep
+                    import traceback
+
+                    traceback.print_exc()
+                    result = {"status": "failed", "error": f"{type(err).__name__}: {err}".strip()}
+            result["wall_s"] = time.perf_counter() - t0
+            conn.send(result)
+    except KeyboardInterrupt:
+        return
+
+
+@dataclass
+class _Slot:
+    index: int
+    head: object = None
+    head_conn: object = None
+    address: str | None = None
+    worker: object = None
+    conn: object = None
+    cell: Cell | None = None
+    started: float = 0.0
+    temp_dir: str | None = None
+
+
+class _Pool:
+    """Ray heads + cell workers, one of each per slot. Stops them all on close()."""
+
+    def __init__(self, slots: int, head_cpus: float, head_gpus: int, scenario_path: str,
+                 address: str | None, log, log_dir: Path):
+        import multiprocessing as mp
+
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.ctx = mp.get_context("spawn")
+        self.slots = [_Slot(i) for i in range(slots)]
+        self.head_cpus, self.head_gpus = head_cpus, head_gpus
+        self.scenario_path, self.external, self.log = scenario_path, address, log
+        self.startup_s = 0.0
+
+    def start(self) -> None:
+        t0 = time.perf_counter()
+        for slot in self.slots:  # start every head first: they boot side by side
+            if self.external:
+                slot.address = self.external
+            else:
+                self._start_head(slot)
+        for slot in self.slots:
+            if not self.external:
+                self._await_head(slot)
+            self._start_worker(slot)
+        self.startup_s = time.perf_counter() - t0
+
+    def _start_head(self, slot: _Slot) -> None:
+        slot.temp_dir = tempfile.mkdtemp(prefix="fsw-", dir="/tmp" if os.path.isdir("/tmp") else None)
+        parent, child = self.ctx.Pipe()
+        log_file = self.log_dir / f"ray-head-{slot.index}.log"
+        slot.head = self.ctx.Process(target=_ray_head_main, name=f"fedsec-sweep-ray-{slot.index}",
+                                     args=(child, os.getpid(), self.head_cpus, self.head_gpus, slot.temp_dir,
+                                           str(log_file)))
+        slot.head.start()
+        child.close()
+        slot.head_conn = parent
+
+    def _await_head(self, slot: _Slot, timeout: float = 180.0) -> None:
+        if not slot.head_conn.poll(timeout):
+            raise FedsecError(f"the sweep's Ray head {slot.index} did not start within {timeout:.0f} s")
+        try:
+            msg = slot.head_conn.recv()
+        except EOFError:
+            raise FedsecError(f"the sweep's Ray head {slot.index} exited while starting "
+                              f"(exit code {slot.head.exitcode})") from None
+        if "error" in msg:
+            raise FedsecError(f"the sweep's Ray head {slot.index} failed to start: {msg['error']}")
+        slot.address = msg["address"]
+        self.log(f"ray head {slot.index} at {slot.address}")
+
+    def _start_worker(self, slot: _Slot) -> None:
+        parent, child = self.ctx.Pipe()
+        slot.worker = self.ctx.Process(target=_cell_worker_main, name=f"fedsec-sweep-worker-{slot.index}",
+                                       args=(child, os.getpid(), slot.address, self.scenario_path))
+        slot.worker.start()
+        child.close()
+        slot.conn = parent
+
+    def restart_worker(self, slot: _Slot) -> None:
+        """After a worker died (killed, out of memory): a fresh one, on a fresh head if needed."""
+        self._stop_process(slot.worker, slot.conn, None)
+        if not self.external and (slot.head is None or not slot.head.is_alive()):
+            self._stop_head(slot)
+            self._start_head(slot)
+            self._await_head(slot)
+        self._start_worker(slot)
+
+    @staticmethod
+    def _stop_process(proc, conn, message, grace: float = 15.0) -> None:
+        if proc is None:
+            return
+        if proc.is_alive() and conn is not None:
+            try:
+                conn.send(message)
+            except (OSError, ValueError):
+                pass
+        proc.join(grace if message is not None or conn is None else 0.1)
+        if proc.is_alive():
+            proc.terminate()  # SIGTERM: a running cell writes its summary as interrupted
+            proc.join(grace)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+        if conn is not None:
+            conn.close()
+
+    def _stop_head(self, slot: _Slot) -> None:
+        if slot.head is not None:
+            self._stop_process(slot.head, slot.head_conn, "stop", grace=30.0)
+            slot.head, slot.head_conn = None, None
+        if slot.temp_dir:
+            shutil.rmtree(slot.temp_dir, ignore_errors=True)
+            slot.temp_dir = None
+
+    def close(self) -> None:
+        for slot in self.slots:  # workers first: they are Ray drivers on the heads
+            if slot.worker is not None:
+                if slot.cell is not None and slot.worker.is_alive():
+                    slot.worker.terminate()
+                self._stop_process(slot.worker, slot.conn, None)
+                slot.worker, slot.conn = None, None
+        for slot in self.slots:
+            self._stop_head(slot)
+
+
+# --------------------------------------------------------------------------------------
+# The sweep
+# --------------------------------------------------------------------------------------
+
+
+def _fmt_s(seconds: float | None) -> str:
+    if seconds is None or math.isnan(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    m, s = divmod(seconds, 60)
+    if m < 60:
+        return f"{m}m{s:02d}s"
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m"
+
+
+def _rounds_done(path: Path) -> int:
+    f = path / "rounds.jsonl"
+    try:
+        return sum(1 for line in f.read_text().splitlines() if line.strip())
+    except OSError:
+        return 0
+
+
+class SweepRun:
+    """State of one ``fedsec sweep`` invocation; writes sweep.json as cells change."""
+
+    def __init__(self, scenario_path, cells, grid, seeds, out: Path, base_overrides, parallel, stream,
+                 table_options: dict):
+        self.scenario_path, self.cells, self.grid, self.seeds = str(scenario_path), cells, grid, seeds
+        self.out, self.base_overrides, self.parallel, self.stream = out, base_overrides, parallel, stream
+        self.table_options = table_options
+        self.t0 = time.perf_counter()
+        self.started_at = None
+        self.ray_startup_s = None
+        self.durations: list[float] = []
+
+    def log(self, text: str) -> None:
+        if self.stream is not None:
+            print(f"[sweep] {text}", file=self.stream, flush=True)
+
+    def write(self, status: str) -> None:
+        from fedsec.results import utc_now, write_json
+
+        write_json(self.out / "sweep.json", {
+            "kind": "fedsec-sweep",
+            "status": status,
+            "scenario": self.scenario_path,
+            "overrides": self.base_overrides,
+            "grid": self.grid,
+            "seeds": self.seeds,
+            "command": " ".join(sys.argv),
+            "parallel": self.parallel,
+            "table": self.table_options,
+            "started_at": self.started_at,
+            "updated_at": utc_now(),
+            "wall_s": time.perf_counter() - self.t0,
+            "ray_startup_s": self.ray_startup_s,
+            "cells": [c.to_json() for c in self.cells],
+        })
+
+    def counts(self) -> tuple[int, int]:
+        done = sum(c.status == FINISHED for c in self.cells)
+        failed = sum(bool(c.status in ("failed", "interrupted") and c.extra.get("ran")) for c in self.cells)
+        return done, failed
+
+    def eta(self, remaining: int) -> float | None:
+        if not self.durations:
+            return None
+        return statistics.fmean(self.durations) * math.ceil(remaining / max(self.parallel, 1))
+
+
+def run_sweep(scenario, grid=None, seeds=None, out=None, overrides=None, parallel: int | None = None,
+              address: str | None = None, rows: str | None = None, cols: str | None = None,
+              metric: str = "auroc", stream=sys.stderr, dry_run: bool = False) -> dict:
+    """Run (or resume) a sweep; returns sweep.json's dict (plus ``"tables"``: the written files).
+
+    scenario: a scenario file. grid: ``{"attacks": ["none", "alie"], ...}`` or
+    ``["attacks=none,alie", ...]``. seeds: list of ints, ``"0,1,2"``, or None (the
+    scenario's seed). overrides: ``key=value`` applied to every cell before the grid's.
+    Raises ScenarioError (nothing runs) for an invalid cell.
+    """
+    from fedsec.federation.engine import quiet
+    from fedsec.results import utc_now
+
+    quiet(False)
+    if isinstance(scenario, dict) or not Path(str(scenario)).is_file():
+        raise ScenarioError("sweep needs a scenario file", file=str(scenario))
+    grid = parse_grid(grid)
+    seeds = parse_seeds(seeds)
+    base = list(overrides or [])
+    cells = expand(grid, seeds, base)
+    scenarios = validate_cells(scenario, cells)
+    for key in (rows, cols):
+        if key is not None and key not in grid and key != "seed":
+            raise ScenarioError(f"--rows/--cols '{key}' is not a grid key; grid keys: {', '.join(grid) or '(none)'}",
+                                file="command line")
+    out = Path(out) if out else default_out(scenario, grid, seeds, base)
+    if parallel is not None and parallel < 1:
+        raise ScenarioError(f"--parallel must be >= 1, got {parallel}", file="command line")
+    parallel = parallel or default_parallel(scenarios)
+    if address:
+        parallel = 1  # a shared cluster: Flower's actor pool takes the whole cluster per run
+    table_options = {"rows": rows, "cols": cols, "metric": metric}
+    state = SweepRun(scenario, cells, grid, seeds, out, base, parallel, stream, table_options)
+    state.started_at = utc_now()
+
+    pending = deque()
+    for cell in cells:
+        cell.status, cell.error = cell_state(out, cell)
+        if cell.status != FINISHED:
+            pending.append(cell)
+    skipped = len(cells) - len(pending)
+    state.parallel = parallel = max(1, min(parallel, len(pending) or 1))
+    state.log(f"{len(cells)} cells ({' x '.join(f'{len(v)} {k}' for k, v in grid.items()) or '1'}"
+              f"{f' x {len(seeds)} seed' + ('s' if len(seeds) > 1 else '') if seeds else ''}) -> {out}")
+    if skipped:
+        state.log(f"{skipped} already completed (skipped), {len(pending)} to run")
+    if dry_run:
+        for c in cells:
+            print(f"{c.status:<11} {c.id}  ({' '.join(c.overrides)})", file=sys.stdout if stream else io.StringIO())
+        return {"cells": [c.to_json() for c in cells], "out": str(out)}
+    out.mkdir(parents=True, exist_ok=True)
+    state.write("running")
+
+    status = "completed"
+    if pending:
+        head_cpus = max(max(math.ceil(float(s.engine.num_cpus)) for s in scenarios),
+                        (os.cpu_count() or 1) // parallel, 1)
+        head_gpus = 0
+        if any(s.engine.num_gpus > 0 for s in scenarios) and not address:
+            import torch
+
+            head_gpus = torch.cuda.device_count()
+        pool = _Pool(parallel, head_cpus, head_gpus, str(scenario), address, state.log, out / "logs")
+        try:
+            state.log(f"starting {parallel} Ray head(s) ({head_cpus:g} CPUs each)" if not address
+                      else f"joining the Ray cluster at {address}")
+            pool.start()
+            state.ray_startup_s = pool.startup_s
+            state.log(f"Ray ready in {pool.startup_s:.1f} s")
+            _drive(state, pool, pending)
+        except KeyboardInterrupt:
+            status = "interrupted"
+            state.log("interrupted: stopping the workers and Ray; re-run the same command to resume")
+            raise
+        except BaseException:
+            status = "failed"
+            raise
+        finally:
+            for slot in pool.slots:
+                if slot.cell is not None:
+                    slot.cell.status, slot.cell.error = "interrupted", "the sweep stopped while this cell ran"
+            pool.close()
+            state.write(status)
+    tables = write_tables(out, rows=rows, cols=cols, metric=metric)
+    done, failed = state.counts()
+    bad = [c for c in cells if c.status != FINISHED]
+    state.log(f"finished: {len(cells) - len(bad)}/{len(cells)} completed, {len(bad)} not "
+              f"in {_fmt_s(time.perf_counter() - state.t0)}; tables: {out / 'summary.md'}")
+    state.write("completed" if not bad else "completed_with_failures")
+    result = json.loads((out / "sweep.json").read_text())
+    result["tables"] = {k: str(v) for k, v in tables.items()}
+    result["out"] = str(out)
+    return result
+
+
+def _drive(state: SweepRun, pool: _Pool, pending: deque) -> None:
+    from multiprocessing.connection import wait
+
+    total = len(state.cells)
+    last_print = time.perf_counter()
+
+    def progress_line(prefix: str) -> str:
+        done = sum(c.status == FINISHED for c in state.cells)
+        failed = sum(bool(c.status in ("failed", "interrupted") and c.extra.get("ran")) for c in state.cells)
+        remaining = len(pending) + sum(s.cell is not None for s in pool.slots)
+        eta = state.eta(remaining)
+        return (f"{done}/{total} done" + (f", {failed} failed" if failed else "")
+                + f" | {prefix}" + (f" | eta {_fmt_s(eta)}" if eta is not None and remaining else ""))
+
+    while pending or any(s.cell is not None for s in pool.slots):
+        for slot in pool.slots:
+            if slot.cell is None and pending:
+                cell = pending.popleft()
+                slot.cell, slot.started = cell, time.perf_counter()
+                cell.status, cell.error = "running", None
+                slot.conn.send({"id": cell.id, "overrides": cell.overrides,
+                                "path": str(state.out / "cells" / cell.id)})
+                state.write("running")
+                state.log(progress_line(f"running {cell.label}"))
+                last_print = time.perf_counter()
+        busy = [s for s in pool.slots if s.cell is not None]
+        ready = wait([s.conn for s in busy] + [s.worker.sentinel for s in busy], timeout=30.0)
+        for slot in busy:
+            cell = slot.cell
+            result = None
+            if slot.conn in ready or slot.conn.poll():
+                try:
+                    result = slot.conn.recv()
+                except (EOFError, OSError):
+                    result = None
+            if result is None and slot.worker.sentinel not in ready and slot.worker.is_alive():
+                continue
+            if result is None:  # the worker died mid-cell (killed, out of memory, crash)
+                code = slot.worker.exitcode
+                result = {"status": "failed", "wall_s": time.perf_counter() - slot.started,
+                          "error": f"the cell's worker process died (exit code {code}); see "
+                                   f"cells/{cell.id}/log.txt"}
+                pool.restart_worker(slot)
+            cell.status, cell.error, cell.wall_s = result["status"], result.get("error"), result.get("wall_s")
+            cell.extra["ran"] = True
+            if cell.status == "interrupted":
+                raise KeyboardInterrupt
+            state.durations.append(cell.wall_s or 0.0)
+            slot.cell = None
+            state.write("running")
+            verdict = "completed" if cell.status == FINISHED else f"FAILED: {(cell.error or '').splitlines()[0][:160]}"
+            state.log(progress_line(f"{cell.label} {verdict} in {_fmt_s(cell.wall_s)}"))
+            last_print = time.perf_counter()
+        if time.perf_counter() - last_print >= 30.0:
+            running = [s for s in pool.slots if s.cell is not None]
+            desc = ", ".join(f"{s.cell.label} (round {_rounds_done(state.out / 'cells' / s.cell.id)})"
+                             for s in running)
+            state.log(progress_line(f"running {desc}"))
+            last_print = time.perf_counter()
+
+
+# --------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------
+
+
+def _num(v):
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v) else None
+
+
+def attack_metric_of(attack: dict) -> tuple[str | None, float | None]:
+    """The attack's success measure in a summary's ``attack`` dict: (name, value)."""
+    attack = attack or {}
+    for name in ATTACK_METRICS:
+        if _num(attack.get(name)) is not None:
+            return name, float(attack[name])
+        vals = [_num(v) for k, v in attack.items() if k.endswith("/" + name) or k.endswith("." + name)]
+        vals = [v for v in vals if v is not None]
+        if vals:
+            return name, float(statistics.fmean(vals))
+    return None, None
+
+
+def load_sweep(sweep_dir) -> dict:
+    from fedsec.results import read_json
+
+    sweep_dir = Path(sweep_dir)
+    f = sweep_dir / "sweep.json"
+    if not f.exists():
+        raise FedsecError(f"{sweep_dir}: not a sweep folder (no sweep.json)")
+    return read_json(f)
+
+
+def collect_rows(sweep_dir) -> tuple[list[dict], list[str]]:
+    """One dict per cell from its summary.json: grid values, seed, status, metrics, timing.
+    Returns (rows, grid keys)."""
+    from fedsec.results import read_json
+
+    sweep_dir = Path(sweep_dir)
+    meta = load_sweep(sweep_dir)
+    keys = list(meta.get("grid", {}))
+    rows = []
+    for c in meta.get("cells", []):
+        row: dict = {"cell": c["id"], **{k: c["values"].get(k) for k in keys}, "seed": c.get("seed")}
+        f = sweep_dir / c.get("path", f"cells/{c['id']}") / "summary.json"
+        summary = None
+        if f.exists():
+            try:
+                summary = read_json(f)
+            except (OSError, ValueError):
+                summary = None
+        status = (summary or {}).get("status") or "missing"
+        if status == "running" and meta.get("status") != "running":
+            status = "interrupted"
+        row["status"] = status
+        row["error"] = ((summary or {}).get("error") or c.get("error") or "").replace("\n", " ") or None
+        if row["seed"] is None and summary:
+            row["seed"] = summary.get("seed")
+        row["rounds"] = (summary or {}).get("rounds")
+        final = (summary or {}).get("final") or {}
+        for k in METRIC_KEYS:
+            row[k] = _num(final.get(k))
+        attack = (summary or {}).get("attack") or {}
+        for k, v in attack.items():
+            if _num(v) is not None:
+                row[f"attack.{k}"] = float(v)
+        name, value = attack_metric_of(attack)
+        row["attack_metric"], row["attack_value"] = name, value
+        flagged = ((summary or {}).get("defense") or {}).get("flagged")
+        row["defense.flagged"] = ";".join(flagged) if isinstance(flagged, list) else None
+        timing = (summary or {}).get("timing") or {}
+        for k in TIMING_KEYS:
+            row[f"timing.{k}"] = _num(timing.get(k))
+        row["_summary"] = summary
+        row["_dir"] = str(f.parent)
+        rows.append(row)
+    return rows, keys
+
+
+def default_axes(keys: list[str], rows: str | None = None, cols: str | None = None) -> tuple[str | None, str | None]:
+    """rows = attack axis, cols = defense axis: the ``attacks`` / ``strategy`` grid keys when
+    present, else the first two grid keys."""
+    rest = [k for k in keys if k not in (rows, cols)]
+    if rows is None:
+        rows = "attacks" if "attacks" in keys and cols != "attacks" else (rest.pop(0) if rest else None)
+        rest = [k for k in rest if k != rows]
+    if cols is None:
+        cols = "strategy" if "strategy" in keys and rows != "strategy" else (rest.pop(0) if rest else None)
+    return rows, cols
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None, int]:
+    """Mean and sample standard deviation (n - 1); std is None below two values."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None, 0
+    mean = statistics.fmean(vals)
+    std = statistics.stdev(vals) if len(vals) > 1 else None
+    return mean, std, len(vals)
+
+
+def aggregate(rows: list[dict], keys: list[str], row_key: str | None, col_key: str | None,
+              metric: str = "auroc") -> list[dict]:
+    """Mean / std over seeds per table cell. Grid keys other than rows / cols stay part of
+    the row (each combination is its own row). Only completed cells count."""
+    extra = [k for k in keys if k not in (row_key, col_key) and k != "seed"]
+    groups: dict[tuple, list[dict]] = {}
+    order: list[tuple] = []
+    for r in rows:
+        g = (tuple(r.get(k) for k in extra), r.get(row_key) if row_key else None, r.get(col_key) if col_key else None)
+        if g not in groups:
+            groups[g] = []
+            order.append(g)
+        groups[g].append(r)
+    out = []
+    for g in order:
+        members = groups[g]
+        ok = [r for r in members if r["status"] == FINISHED]
+        mean, std, n = _mean_std([r.get(metric) for r in ok])
+        names = [r["attack_metric"] for r in ok if r.get("attack_metric")]
+        aname = names[0] if names else None
+        amean, astd, an = _mean_std([r.get("attack_value") for r in ok if r.get("attack_metric") == aname])
+        out.append({
+            **{k: v for k, v in zip(extra, g[0])},
+            "row": g[1], "col": g[2], "metric": metric, "mean": mean, "std": std, "n": n,
+            "attack_metric": aname, "attack_mean": amean, "attack_std": astd, "attack_n": an,
+            "cells": len(members), "not_completed": len(members) - len(ok),
+        })
+    return out
+
+
+def _f(v, digits=3) -> str:
+    return "" if v is None else f"{v:.{digits}f}"
+
+
+def write_tables(sweep_dir, rows: str | None = None, cols: str | None = None, metric: str | None = None) -> dict:
+    """sweep.csv, summary.csv and summary.md in the sweep folder. Returns their paths."""
+    from fedsec.results import atomic_write
+
+    sweep_dir = Path(sweep_dir)
+    meta = load_sweep(sweep_dir)
+    opts = meta.get("table") or {}
+    rows = rows or opts.get("rows")
+    cols = cols or opts.get("cols")
+    metric = metric or opts.get("metric") or "auroc"
+    if metric not in METRIC_KEYS:
+        raise FedsecError(f"--metric '{metric}': one of {', '.join(METRIC_KEYS)}")
+    data, keys = collect_rows(sweep_dir)
+    row_key, col_key = default_axes(keys, rows, cols)
+
+    # sweep.csv: one row per cell and seed
+    attack_cols = sorted({k for r in data for k in r if k.startswith("attack.")})
+    header = (["cell", *keys, "seed", "status", "error", "rounds", *METRIC_KEYS, "attack_metric", "attack_value",
+               *attack_cols, "defense.flagged", *[f"timing.{k}" for k in TIMING_KEYS]])
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    for r in data:
+        w.writerow(["" if r.get(h) is None else (f"{r[h]:.6g}" if isinstance(r.get(h), float) else r[h])
+                    for h in header])
+    atomic_write(sweep_dir / "sweep.csv", buf.getvalue())
+
+    # summary.csv: long format, one line per table cell
+    agg = aggregate(data, keys, row_key, col_key, metric)
+    extra = [k for k in keys if k not in (row_key, col_key) and k != "seed"]
+    sheader = [*extra, row_key or "row", col_key or "col", "metric", "mean", "std", "n", "attack_metric",
+               "attack_mean", "attack_std", "attack_n", "cells", "not_completed"]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(sheader)
+    for a in agg:
+        w.writerow([*(a[k] for k in extra), a["row"], a["col"], a["metric"], _f(a["mean"], 6), _f(a["std"], 6), a["n"],
+                    a["attack_metric"] or "", _f(a["attack_mean"], 6), _f(a["attack_std"], 6), a["attack_n"],
+                    a["cells"], a["not_completed"]])
+    atomic_write(sweep_dir / "summary.csv", buf.getvalue())
+
+    atomic_write(sweep_dir / "summary.md", summary_markdown(meta, agg, extra, row_key, col_key, metric, data))
+    return {"sweep_csv": sweep_dir / "sweep.csv", "summary_csv": sweep_dir / "summary.csv",
+            "summary_md": sweep_dir / "summary.md"}
+
+
+def format_cell(a: dict | None) -> str:
+    """``0.812 ± 0.013 · asr 0.97 ± 0.02`` (n < seeds and failures noted)."""
+    if a is None:
+        return ""
+    if a["n"] == 0:
+        return f"not completed ({a['not_completed']}/{a['cells']})"
+    text = _f(a["mean"]) + (f" ± {_f(a['std'])}" if a["std"] is not None else "")
+    if a["attack_metric"] and a["attack_mean"] is not None:
+        text += f" · {a['attack_metric']} {_f(a['attack_mean'], 2)}"
+        text += f" ± {_f(a['attack_std'], 2)}" if a["attack_std"] is not None else ""
+    if a["not_completed"]:
+        text += f" ({a['not_completed']} of {a['cells']} not completed)"
+    return text
+
+
+def summary_markdown(meta: dict, agg: list[dict], extra: list[str], row_key, col_key, metric: str,
+                     data: list[dict] | None = None) -> str:
+    seeds = meta.get("seeds")
+    lines = [f"# Sweep of {meta.get('scenario')}", ""]
+    lines.append(f"Cells show the final **{metric}** on the union of the hospitals' test sets, mean ± sample "
+                 f"standard deviation over {len(seeds) if seeds else 1} seed(s)"
+                 + (f" ({', '.join(map(str, seeds))})" if seeds else "")
+                 + ", then the attack's own metric (asr: attack success rate of the backdoor; psnr: "
+                   "reconstruction quality in dB; mia_auroc / auroc_mean: membership inference) when it has one.")
+    if meta.get("overrides"):
+        lines.append(f"Every cell: `{' '.join(meta['overrides'])}`.")
+    lines.append("")
+    col_values = list(dict.fromkeys(a["col"] for a in agg))
+    row_ids = list(dict.fromkeys((tuple(a[k] for k in extra), a["row"]) for a in agg))
+    by = {(tuple(a[k] for k in extra), a["row"], a["col"]): a for a in agg}
+    corner = f"{row_key} \\ {col_key}" if row_key and col_key else (row_key or "")
+    head = [*extra, corner] + [f"{col_key}={c}" if col_key else metric for c in col_values]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "|".join("---" for _ in head) + "|")
+    for ex, r in row_ids:
+        label = [*map(str, ex), str(r) if row_key else "all"]
+        lines.append("| " + " | ".join(label + [format_cell(by.get((ex, r, c))) for c in col_values]) + " |")
+    lines.append("")
+    failures = [r for r in data or [] if r["status"] != FINISHED]
+    if failures:
+        lines += ["## Cells that did not complete", ""]
+        lines += [f"- `{r['cell']}`: {r['status']}" + (f" — {r['error'][:300]}" if r.get("error") else "")
+                  for r in failures]
+        lines.append("")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# Command line (the lead wires add_sweep_parser into fedsec.cli)
+# --------------------------------------------------------------------------------------
+
+
+def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "sweep", help="run a grid of overrides x seeds (resumable), then tables of mean ± std",
+        description="Cartesian product of --grid values x --seeds, one run folder per cell under OUT/cells/. "
+                    "Re-running the same command resumes: completed cells are skipped.")
+    p.add_argument("items", nargs="+", metavar="SCENARIO|key=value",
+                   help="the scenario file, then key=value overrides applied to every cell")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a grid axis (repeatable), e.g. attacks=none,alie or strategy=fedavg,krum")
+    p.add_argument("--seeds", metavar="0,1,2", help="seeds to repeat every cell with (default: the scenario's)")
+    p.add_argument("--out", help="sweep folder (default runs/sweeps/<name>-<hash of the command>)")
+    p.add_argument("--parallel", type=int, metavar="N",
+                   help="cells side by side (default: as many as the CPUs hold, at least 1)")
+    p.add_argument("--address", metavar="RAY_ADDRESS", help="use this Ray cluster instead of starting one")
+    p.add_argument("--rows", metavar="KEY", help="grid key of the table's rows (default: attacks)")
+    p.add_argument("--cols", metavar="KEY", help="grid key of the table's columns (default: strategy)")
+    p.add_argument("--metric", default="auroc", choices=METRIC_KEYS, help="utility metric of the tables")
+    p.add_argument("--dry-run", action="store_true", help="validate and list the cells, run nothing")
+    p.set_defaults(fn=cmd_sweep)
+    return p
+
+
+def cmd_sweep(args) -> int:
+    """SIGTERM is handled like Ctrl-C: the workers and Ray heads stop in order; exit 130."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
+    try:
+        return _cmd_sweep(args)
+    except KeyboardInterrupt:
+        print("fedsec: sweep interrupted; re-run the same command to resume (completed cells are kept)",
+              file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _cmd_sweep(args) -> int:
+    paths = [a for a in args.items if "=" not in a]
+    overrides = [a for a in args.items if "=" in a]
+    if len(paths) != 1:
+        raise FedsecError(f"give exactly one scenario file, got {len(paths)}: {' '.join(paths) or '(none)'}")
+    result = run_sweep(paths[0], grid=args.grid, seeds=args.seeds, out=args.out, overrides=overrides,
+                       parallel=args.parallel, address=args.address, rows=args.rows, cols=args.cols,
+                       metric=args.metric, dry_run=args.dry_run)
+    if args.dry_run:
+        return 0
+    print(Path(result["tables"]["summary_md"]).read_text())
+    print(f"sweep folder: {result['out']} (fedsec report {result['out']})")
+    bad = [c for c in result["cells"] if c["status"] != FINISHED]
+    return 1 if bad else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fedsec.sweep ...`` = ``fedsec sweep ...``."""
+    parser = argparse.ArgumentParser(prog="fedsec")
+    add_sweep_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["sweep", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.fn(args)
+    except FedsecError as err:
+        print(f"fedsec: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
