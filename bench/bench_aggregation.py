@@ -141,6 +141,8 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=8, help="arrays per update in Flower's records")
     parser.add_argument("--flower-limit", type=float, default=60.0, help="skip Flower cases predicted slower (s)")
     parser.add_argument("--rules", default=",".join(RULES), help="comma-separated fedsec rules")
+    parser.add_argument("--ns", default="", help="comma-separated numbers of updates (default 10,50,100)")
+    parser.add_argument("--ds", default="", help="comma-separated update sizes (default 100000,1000000)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -155,6 +157,10 @@ def main(argv=None) -> int:
 
     ns = (10, 50) if args.quick else (10, 50, 100)
     ds = (100_000,) if args.quick else (100_000, 1_000_000)
+    if args.ns:
+        ns = tuple(int(x) for x in args.ns.split(","))
+    if args.ds:
+        ds = tuple(int(x) for x in args.ds.split(","))
     rules = [r for r in args.rules.split(",") if r]
     print(
         f"fedsec rules vs Flower {flwr.__version__} strategies; torch {torch.__version__}, "
