@@ -80,6 +80,22 @@ class RunDir:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         return cls(Path(scenario.output.dir) / scenario.name / f"{stamp}-{scenario.digest()}")
 
+    RUN_FILES = ("scenario.yaml", "manifest.json", "rounds.jsonl", "summary.json", "checkpoint.pt")
+
+    def has_results(self) -> bool:
+        return any((self.path / f).exists() for f in self.RUN_FILES)
+
+    def clear(self) -> None:
+        """Remove a previous run's files (a fresh run into an existing --out folder); other
+        files the user keeps there are left alone."""
+        import shutil
+
+        for f in self.RUN_FILES:
+            (self.path / f).unlink(missing_ok=True)
+        for d in ("figures", "tensorboard", "deployment"):
+            shutil.rmtree(self.path / d, ignore_errors=True)
+        (self.path / "figures").mkdir(exist_ok=True)
+
     # files ---------------------------------------------------------------------------
     @property
     def rounds_file(self) -> Path:

@@ -107,6 +107,10 @@ def run(scenario, overrides=None, out=None, verbose: bool = False, resume: str |
     else:
         scenario = scenario if isinstance(scenario, Scenario) and not overrides else load_scenario(scenario, overrides)
         run_dir = RunDir.for_scenario(scenario, out)
+        if run_dir.has_results():  # a fresh run must not append to an earlier run's records
+            print(f"fedsec: replacing the earlier results in {run_dir.path} (finish an interrupted run "
+                  "with --resume instead)", file=sys.stderr)
+            run_dir.clear()
     task = build_task(scenario)  # data errors surface here, before any engine starts
     _check_privacy(scenario, task)  # privacy options and combinations, before any engine starts
     hospitals = hospital_names(scenario, task)

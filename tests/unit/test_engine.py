@@ -38,3 +38,20 @@ def test_ray_stays_on_loopback_or_joins_the_given_cluster():
     assert args["_node_ip_address"] == "127.0.0.1" and args["_temp_dir"] == "/tmp/fedsec-ray-x"
     joined = ray_init_args(load_scenario(QUICKSTART, ["engine.address=10.0.0.5:6379"]), False, None)
     assert joined["address"] == "10.0.0.5:6379" and "_temp_dir" not in joined and "num_cpus" not in joined
+
+
+def test_fresh_run_into_used_folder_starts_clean(tmp_path):
+    """A new run with --out pointing at an earlier run's folder must not append to its
+    rounds.jsonl (it did: summaries then counted both runs' rounds)."""
+    from fedsec.results import RunDir
+
+    d = RunDir(tmp_path)
+    d.append_round({"round": 1})
+    d.write_summary({"status": "completed"})
+    (tmp_path / "figures" / "old.png").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("mine")
+    assert d.has_results()
+    d.clear()
+    assert d.read_rounds() == [] and not (tmp_path / "summary.json").exists()
+    assert not (tmp_path / "figures" / "old.png").exists() and (tmp_path / "figures").is_dir()
+    assert (tmp_path / "notes.txt").read_text() == "mine"
