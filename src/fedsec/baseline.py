@@ -13,7 +13,9 @@ from fedsec.data.base import Split
 
 
 def centralised(scenario, epochs: int | None = None) -> dict:
-    from fedsec.federation.training import evaluate, train_local
+    from dataclasses import replace
+
+    from fedsec.federation.training import evaluate, make_optimizer, train_local
     from fedsec.tasks import build_task
 
     torch.set_num_threads(max(1, int(scenario.engine.num_cpus)))
@@ -24,11 +26,8 @@ def centralised(scenario, epochs: int | None = None) -> dict:
     local = scenario.federation.local
     epochs = epochs or scenario.federation.rounds * local.epochs
     generator = torch.Generator().manual_seed(scenario.seed)
-    optimizer = None
-    from fedsec.federation.training import make_optimizer
-
-    optimizer = make_optimizer(model, local)
-    one_epoch = type(local)(**{**local.__dict__, "epochs": 1})
+    optimizer = make_optimizer(model, local)  # one optimizer across epochs, as pooled training would
+    one_epoch = replace(local, epochs=1)
     for _ in range(epochs):
         train_local(model, pooled, task, one_epoch, generator, optimizer=optimizer)
     metrics = evaluate(model, task.data.union_test(), task)

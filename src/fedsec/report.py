@@ -1281,14 +1281,9 @@ def cmd_report(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m fedsec.report ...`` = ``fedsec report ...``."""
-    parser = argparse.ArgumentParser(prog="fedsec")
-    add_report_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["report", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.fn(args)
-    except FedsecError as err:
-        print(f"fedsec: error: {err}", file=sys.stderr)
-        return 2
+    from fedsec.cli import main as cli_main
+
+    return cli_main(["report", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

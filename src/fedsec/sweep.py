@@ -1069,14 +1069,9 @@ def _cmd_sweep(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m fedsec.sweep ...`` = ``fedsec sweep ...``."""
-    parser = argparse.ArgumentParser(prog="fedsec")
-    add_sweep_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["sweep", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.fn(args)
-    except FedsecError as err:
-        print(f"fedsec: error: {err}", file=sys.stderr)
-        return 2
+    from fedsec.cli import main as cli_main
+
+    return cli_main(["sweep", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -61,24 +61,31 @@ def advantage(scores_pos: torch.Tensor, scores_neg: torch.Tensor) -> float:
     return float(max(0.0, np.max(tpr - fpr)))
 
 
+def _batched_logits(model: torch.nn.Module, data: Split, batch_size: int, device):
+    """Yield (logits, y) over ``data`` in eval mode; the model's train/eval mode is restored."""
+    was_training = model.training
+    model = model.to(device).eval()
+    try:
+        for i in range(0, len(data), batch_size):
+            x, y = data.x[i:i + batch_size].to(device), data.y[i:i + batch_size].to(device)
+            yield model(x), y
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def per_record_loss(model: torch.nn.Module, data: Split, batch_size: int = 256,
                     device: str | torch.device = "cpu") -> torch.Tensor:
     """``Tensor[N]``: the model's loss on each record (cross-entropy; BCE summed over labels
     for multi-label ``y [N, K]``; BCE for a single-logit binary model), in eval mode."""
-    was_training = model.training
-    model = model.to(device).eval()
     out = []
-    for i in range(0, len(data), batch_size):
-        x, y = data.x[i:i + batch_size].to(device), data.y[i:i + batch_size].to(device)
-        logits = model(x)
+    for logits, y in _batched_logits(model, data, batch_size, device):
         if y.dtype != torch.long:
             out.append(F.binary_cross_entropy_with_logits(logits, y.float(), reduction="none").sum(dim=1))
         elif logits.dim() == 2 and logits.shape[1] == 1:
             out.append(F.binary_cross_entropy_with_logits(logits.reshape(-1), y.float(), reduction="none"))
         else:
             out.append(F.cross_entropy(logits, y, reduction="none"))
-    model.train(was_training)
     return torch.cat(out).cpu() if out else torch.empty(0)
 
 
@@ -92,12 +99,8 @@ def per_record_score(model: torch.nn.Module, data: Split, score: str = "loss", b
         return -per_record_loss(model, data, batch_size, device)
     if score not in ("confidence", "entropy"):
         raise ValueError(f"score must be 'loss', 'confidence' or 'entropy', got {score!r}")
-    was_training = model.training
-    model = model.to(device).eval()
     out = []
-    for i in range(0, len(data), batch_size):
-        x, y = data.x[i:i + batch_size].to(device), data.y[i:i + batch_size].to(device)
-        logits = model(x)
+    for logits, y in _batched_logits(model, data, batch_size, device):
         if y.dtype != torch.long or (logits.dim() == 2 and logits.shape[1] == 1):
             p = torch.sigmoid(logits.reshape(y.shape) if y.dtype != torch.long else logits.reshape(-1))
             yf = y.float()
@@ -110,7 +113,6 @@ def per_record_score(model: torch.nn.Module, data: Split, score: str = "loss", b
             p_true = prob.gather(1, y.reshape(-1, 1)).reshape(-1)
             ent = -(prob * prob.clamp_min(1e-12).log()).sum(-1)
         out.append(p_true if score == "confidence" else -ent)
-    model.train(was_training)
     return torch.cat(out).cpu() if out else torch.empty(0)
 
 

@@ -394,8 +394,7 @@ def serve(grid: Grid, scenario, hospitals: list[str], run_dir=None, on_round=Non
                           max_train_size=max((s["num-train"] for s in sizes.values()), default=None),
                           previous_rounds=run_dir.read_rounds() if (run_dir is not None and round_offset) else None)
     if initial_state is None:
-        initial_state = server_task.task.make_model(seed=scenario.seed).state_dict() if task is not None else \
-            _initial_state(scenario, n)
+        initial_state = server_task.task.make_model(seed=scenario.seed).state_dict()
     remaining = scenario.federation.rounds - round_offset
     if remaining > 0:
         config = ConfigRecord({"scenario": scenario_text})
@@ -403,13 +402,6 @@ def serve(grid: Grid, scenario, hospitals: list[str], run_dir=None, on_round=Non
                        timeout=scenario.federation.timeout_s, train_config=config,
                        evaluate_config=ConfigRecord({"scenario": scenario_text}))
     return strategy
-
-
-def _initial_state(scenario, n: int) -> dict:
-    """The seeded initial model without loading data (shapes come from a task's metadata)."""
-    from fedsec.tasks import build_task
-
-    return build_task(scenario).make_model(seed=scenario.seed).state_dict()
 
 
 # Deployment: `flwr run . <connection>` loads this object (pyproject [tool.flwr.app.components]).
