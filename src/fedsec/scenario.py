@@ -41,7 +41,12 @@ class TaskConfig:
 
 @dataclass
 class LocalConfig:
-    """Each hospital's local training per round."""
+    """Each hospital's local training per round.
+
+    steps: if set, each round is exactly this many mini-batch steps (the data is reshuffled
+      when it runs out) and ``epochs`` is ignored; ``steps: 1`` is FedSGD, the one-gradient-
+      per-round setting of the distributed-SGD literature (e.g. Baruch et al. 2019).
+    """
 
     epochs: int = 1
     batch_size: int = 32
@@ -49,6 +54,7 @@ class LocalConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     optimizer: str = "sgd"
+    steps: Optional[int] = None
 
 
 @dataclass
@@ -450,6 +456,8 @@ def validate(s: Scenario, file: str = "<scenario>") -> None:
     loc = fed.local
     if loc.epochs < 1:
         err("federation.local.epochs", f"must be >= 1, got {loc.epochs}")
+    if loc.steps is not None and loc.steps < 1:
+        err("federation.local.steps", f"must be >= 1 (or null for full epochs), got {loc.steps}")
     if loc.batch_size < 1:
         err("federation.local.batch_size", f"must be >= 1, got {loc.batch_size}")
     if loc.lr <= 0:

@@ -145,3 +145,18 @@ def test_participation_is_counted_in_the_node_state():
     assert count_participation(state, 3) == 2  # not selected in round 2
     assert count_participation(state, 3) == 2  # a retried message does not count twice
     assert count_participation(RecordDict(), 5) == 5  # no history (resumed run): upper bound
+
+
+def test_fixed_steps_per_round_are_taken_and_accounted():
+    # local.steps = 25 with 10 Poisson steps per epoch: the loop runs into a third pass and
+    # stops at 25; epsilon is the accountant's for exactly 25 steps per round.
+    from dataclasses import replace
+
+    m = model()
+    res = train_dp_sgd(m, data(), Toy(), replace(LOCAL, steps=25), DPConfig.parse({"noise_multiplier": 1.3, "delta": 1e-3}),
+                       generator=torch.Generator().manual_seed(0), participations=2, planned_rounds=10)
+    assert res.steps == 25
+    acc = RDPAccountant()
+    acc.history = [(1.3, 0.1, 50)]
+    assert res.epsilon == pytest.approx(acc.get_epsilon(delta=1e-3), rel=1e-12)
+    assert plan(DPConfig.parse({"noise_multiplier": 1.3}), 40, replace(LOCAL, steps=25), 10).steps_per_round == 25

@@ -94,10 +94,12 @@ class LocalTraining:
     batch_size: int | None = None
 
     @staticmethod
-    def from_hyperparameters(lr: float, epochs: int, batch_size: int, num_samples: int) -> "LocalTraining":
-        """Steps of ``epochs`` passes over ``num_samples`` with ``batch_size`` (last batch kept)."""
+    def from_hyperparameters(lr: float, epochs: int, batch_size: int, num_samples: int,
+                             steps: int | None = None) -> "LocalTraining":
+        """Steps of ``epochs`` passes over ``num_samples`` with ``batch_size`` (last batch kept),
+        or ``steps`` when the scenario fixes the number of steps per round."""
         bs = max(1, min(int(batch_size), int(num_samples)))
-        steps = int(epochs) * math.ceil(int(num_samples) / bs)
+        steps = int(steps) if steps else int(epochs) * math.ceil(int(num_samples) / bs)
         return LocalTraining(lr=float(lr), steps=max(1, steps), batch_size=bs)
 
 
@@ -799,7 +801,7 @@ class GradientInversionAttack(Attack):
         bs = n if bs is None else int(bs)
         num_images = min(n, self.max_images)
         # Beyond max_images the re-run uses a smaller dummy set: an approximation (documented).
-        local_sgd = LocalTraining.from_hyperparameters(lr, epochs, bs, n)
+        local_sgd = LocalTraining.from_hyperparameters(lr, epochs, bs, n, steps=local.get("steps"))
         local_sgd.batch_size = min(local_sgd.batch_size, num_images)
         return local_sgd, num_images, n
 

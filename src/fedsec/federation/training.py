@@ -6,6 +6,7 @@ matter which Ray actor runs it.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -20,6 +21,17 @@ def batches(n: int, batch_size: int, generator: torch.Generator | None, shuffle:
         yield order[start:start + batch_size]
 
 
+def step_limit(local) -> int | None:
+    """``local.steps`` (None = full epochs); tolerant of configs without the field."""
+    steps = getattr(local, "steps", None)
+    return int(steps) if steps else None
+
+
+def epoch_range(local):
+    """Passes over the data: ``local.epochs`` of them, or as many as ``local.steps`` needs."""
+    return itertools.count() if step_limit(local) else range(int(local.epochs))
+
+
 def make_optimizer(model: torch.nn.Module, local) -> torch.optim.Optimizer:
     if local.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=local.lr, weight_decay=local.weight_decay)
@@ -30,7 +42,8 @@ def make_optimizer(model: torch.nn.Module, local) -> torch.optim.Optimizer:
 def train_local(model: torch.nn.Module, data: Split, task, local, generator: torch.Generator,
                 device: torch.device | str = "cpu", optimizer: torch.optim.Optimizer | None = None,
                 data_loader=None) -> dict:
-    """``local.epochs`` passes over ``data`` with mini-batches of ``local.batch_size``.
+    """``local.epochs`` passes over ``data`` with mini-batches of ``local.batch_size``, or
+    exactly ``local.steps`` mini-batches when that is set (reshuffling between passes).
 
     ``data_loader`` (an iterable of (x, y) per epoch) replaces the built-in batching, e.g.
     Opacus's Poisson-sampled loader for DP-SGD. Returns {"loss": mean batch loss, "steps"}.
@@ -39,9 +52,10 @@ def train_local(model: torch.nn.Module, data: Split, task, local, generator: tor
     optimizer = optimizer or make_optimizer(model, local)
     total, steps = 0.0, 0
     x_all, y_all = data.x, data.y
-    for _ in range(local.epochs):
+    for _ in epoch_range(local):
         iterator = data_loader if data_loader is not None else (
             (x_all[i], y_all[i]) for i in batches(len(data), local.batch_size, generator))
+        before = steps
         for xb, yb in iterator:
             if len(xb) == 0:  # Poisson sampling can draw an empty batch
                 continue
@@ -52,6 +66,10 @@ def train_local(model: torch.nn.Module, data: Split, task, local, generator: tor
             optimizer.step()
             total += float(loss.detach())
             steps += 1
+            if steps == step_limit(local):
+                break
+        if step_limit(local) and steps in (step_limit(local), before):  # done, or no data to step on
+            break
     return {"loss": total / max(steps, 1), "steps": steps}
 
 

@@ -34,6 +34,7 @@ from functools import lru_cache
 import torch
 
 from fedsec.errors import FedsecError
+from fedsec.federation.training import epoch_range, step_limit
 from fedsec.privacy.options import choice, flag, number, option_error, parse_options
 
 SECTION = "dp_sgd"
@@ -138,7 +139,7 @@ def plan(dp: DPConfig, num_records: int, local, planned_rounds: int) -> DPPlan:
     if num_records <= 0:
         raise FedsecError("privacy.dp_sgd: this hospital has no training records")
     q, per_epoch = sampling(num_records, local.batch_size, dp.poisson)
-    per_round = int(local.epochs) * per_epoch
+    per_round = step_limit(local) or int(local.epochs) * per_epoch
     delta = dp.delta_for(num_records)
     if dp.noise_multiplier is not None:
         z = dp.noise_multiplier
@@ -262,7 +263,7 @@ def train_dp_sgd(model: torch.nn.Module, data, task, local, dp: DPConfig, *, gen
                 module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=p.noise_multiplier,
                 max_grad_norm=p.max_grad_norm, poisson_sampling=dp.poisson, noise_generator=noise_gen)
             total, batches, steps = 0.0, 0, 0
-            for _ in range(int(local.epochs)):
+            for _ in epoch_range(local):
                 for xb, yb in dp_loader:
                     xb, yb = xb.to(device), yb.to(device)
                     dp_opt.zero_grad(set_to_none=True)
@@ -275,6 +276,10 @@ def train_dp_sgd(model: torch.nn.Module, data, task, local, dp: DPConfig, *, gen
                     if len(xb):
                         total += float(loss.detach())
                         batches += 1
+                    if steps == step_limit(local):
+                        break
+                if steps == step_limit(local):
+                    break
     except RuntimeError as err:
         if "BackwardHookFunction" in str(err) or "inplace" in str(err):
             raise FedsecError(

@@ -1,0 +1,59 @@
+"""Local training: ``local.epochs`` full passes, or exactly ``local.steps`` mini-batch steps
+(FedSGD when 1), counted by the optimizer itself."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from fedsec.data.base import Split
+from fedsec.errors import FedsecError
+from fedsec.federation.training import train_local
+from fedsec.scenario import LocalConfig, load_scenario
+
+
+QUICKSTART = Path(__file__).resolve().parents[2] / "scenarios" / "quickstart.yaml"
+
+
+class Toy:
+    multilabel = False
+
+    @staticmethod
+    def loss(logits, y, reduction="mean"):
+        return nn.functional.cross_entropy(logits, y, reduction=reduction)
+
+
+def _counted_run(local, n=10):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls = []
+    opt.register_step_post_hook(lambda *_: calls.append(1))
+    x = torch.randn(n, 3)
+    stats = train_local(model, Split(x, (x[:, 0] > 0).long()), Toy(), local, torch.Generator().manual_seed(0),
+                        optimizer=opt)
+    return stats["steps"], len(calls)
+
+
+@pytest.mark.parametrize("epochs,batch_size,n", [(1, 4, 10), (3, 4, 10), (2, 32, 10)])
+def test_epochs_are_full_passes(epochs, batch_size, n):
+    assert _counted_run(LocalConfig(epochs=epochs, batch_size=batch_size), n) == (epochs * math.ceil(n / batch_size),) * 2
+
+
+@pytest.mark.parametrize("steps", [1, 2, 7])
+def test_steps_are_exact_and_override_epochs(steps):
+    # 10 records in batches of 4 = 3 steps per pass: 7 steps run into a third pass
+    assert _counted_run(LocalConfig(epochs=5, batch_size=4, steps=steps)) == (steps, steps)
+
+
+def test_steps_on_no_data_stop():
+    assert _counted_run(LocalConfig(steps=3), n=0) == (0, 0)
+
+
+def test_bad_steps_name_the_key():
+    with pytest.raises(FedsecError, match=r"federation\.local\.steps"):
+        load_scenario(QUICKSTART, ["federation.local.steps=0"])
+    s = load_scenario(QUICKSTART, ["federation.local.steps=1"])
+    assert s.federation.local.steps == 1
