@@ -3,9 +3,10 @@ scenarios/integrity_<task>.yaml for every cell. Resumable: finished cells are sk
 
     .venv/bin/python scripts/integrity_table.py cxr   [--seeds 0,1,2] [--out results/integrity]
     .venv/bin/python scripts/integrity_table.py heart
+    .venv/bin/python scripts/integrity_table.py cxr_fedsgd   # ALIE vs Gaussian, one SGD step per round
 
 Writes <out>/<task>/table.md and table.csv; each cell's run folder is under <out>/<task>/runs/.
-Cells show final AUROC and, for backdoors, the attack success rate (ASR).
+Cells show the final AUROC, balanced accuracy and, for backdoors, the attack success rate (ASR).
 """
 
 from __future__ import annotations
@@ -35,6 +36,14 @@ ATTACKS = {
         # (with more clients) run at z of 1 or more
         "alie_z1.5": "[{preset: alie, hospitals: [0, 1], z: 1.5}]",
     },
+    "cxr_fedsgd": {
+        "none": None,
+        "gaussian": "[{preset: gaussian, hospitals: [0, 1]}]",
+        "alie": "[{preset: alie, hospitals: [0, 1]}]",
+        # 0.67 is z_max for 25% malicious as the federation grows (n -> infinity)
+        "alie_z0.67": "[{preset: alie, hospitals: [0, 1], z: 0.67}]",
+        "alie_z1": "[{preset: alie, hospitals: [0, 1], z: 1.0}]",
+    },
     "heart": {
         "none": None,
         "ehr_backdoor_boosted": "[{preset: ehr_trigger, hospitals: [3], boost: auto, rounds: [15, 20]}]",
@@ -45,6 +54,7 @@ ATTACKS = {
 # Krum needs n > 2f + 2 (Blanchard et al. 2017): with 4 hospitals and 1 attacker it cannot
 # run, so the heart table has trimmed mean in its place.
 DEFENSES_BY_TASK = {"cxr": ["fedavg", "krum", "median", "norm_bounding", "flame"],
+                    "cxr_fedsgd": ["fedavg", "krum", "median", "trimmed_mean"],
                     "heart": ["fedavg", "trimmed_mean", "median", "norm_bounding", "flame"]}
 DEFENSES: list[str] = []
 ONLY_ATTACKS: list[str] = []  # --attacks / --defenses: run (or tabulate) a subset of the grid
@@ -56,7 +66,9 @@ ONLY_DEFENSES: list[str] = []
 # so an interrupted grid still answers them; the rest of the table follows.
 PRIORITY = {("model_replacement", "fedavg"), ("model_replacement", "norm_bounding"), ("model_replacement", "flame"),
             ("gaussian", "krum"), ("gaussian", "median"), ("alie", "krum"), ("alie", "median"),
-            ("alie_z1.5", "krum"), ("alie_z1.5", "median"),
+            ("alie_z1.5", "krum"), ("alie_z1.5", "median"), ("alie_z1", "krum"), ("alie_z1", "median"),
+            ("alie_z1", "trimmed_mean"), ("alie_z0.67", "median"), ("alie_z0.67", "krum"),
+            ("alie_z0.67", "trimmed_mean"),
             ("ehr_backdoor_boosted", "fedavg"), ("ehr_backdoor_boosted", "norm_bounding"),
             ("ehr_backdoor_boosted", "flame"), ("gaussian", "trimmed_mean"), ("alie", "trimmed_mean")}
 
@@ -91,6 +103,7 @@ def run_grid(task: str, seeds: list[int], out: Path, table_only: bool = False) -
         s = json.loads(summary_file.read_text())
         rows.append({"attack": attack, "defense": defense, "seed": seed, "status": s["status"],
                      "auroc": s["final"].get("auroc"), "accuracy": s["final"].get("accuracy"),
+                     "balanced_accuracy": s["final"].get("balanced_accuracy"),
                      "asr": s.get("attack", {}).get("asr"), "error": s.get("error")})
     print(f"grid done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return rows
@@ -110,14 +123,15 @@ def write_table(task: str, rows: list[dict], out: Path) -> str:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    lines = [f"Integrity, {task}: final AUROC / ASR (mean ± sd over seeds {sorted({r['seed'] for r in rows})})", "",
+    lines = [f"Integrity, {task}: final AUROC / balanced accuracy / ASR (mean ± sd over seeds {sorted({r['seed'] for r in rows})})", "",
              "| attack \\ defense | " + " | ".join(DEFENSES) + " |", "|---|" + "---|" * len(DEFENSES)]
     for attack in ATTACKS[task]:
         cells = []
         for d in DEFENSES:
             sel = [r for r in rows if r["attack"] == attack and r["defense"] == d]
             failed = [r for r in sel if r["status"] != "completed"]
-            text = f"AUROC {fmt([r['auroc'] for r in sel if r['status'] == 'completed'])}"
+            ok = [r for r in sel if r["status"] == "completed"]
+            text = f"AUROC {fmt([r['auroc'] for r in ok])}<br>bal. acc. {fmt([r.get('balanced_accuracy') for r in ok])}"
             asr = [r["asr"] for r in sel if r["asr"] is not None]
             if asr:
                 text += f"<br>ASR {fmt(asr)}"

@@ -411,6 +411,53 @@ def test_alie_shifts_each_coordinate_by_z_times_the_benign_std():
     torch.testing.assert_close(b.mean(0) - fixed, 1.5 * b.std(0))
 
 
+def _softmax_head_updates(classes: int, hospitals: int = 6, steps: int = 5) -> tuple[torch.nn.Linear, torch.Tensor]:
+    """A linear softmax model and each hospital's update (local - global, [weight | bias])
+    after a few SGD steps on its own data."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, classes)
+    start = torch.cat([model.weight.detach().flatten(), model.bias.detach()])
+    updates = []
+    for h in range(hospitals):
+        local = torch.nn.Linear(4, classes)
+        local.load_state_dict(model.state_dict())
+        opt = torch.optim.SGD(local.parameters(), lr=0.5)
+        g = torch.Generator().manual_seed(h)
+        x = torch.randn(16, 4, generator=g) + h * 0.3
+        y = torch.randint(0, classes, (16,), generator=g)
+        for _ in range(steps):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(local(x), y).backward()
+            opt.step()
+        updates.append(torch.cat([local.weight.detach().flatten(), local.bias.detach()]) - start)
+    return model, torch.stack(updates)
+
+
+def _predict(model: torch.nn.Linear, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    k, f = model.weight.shape
+    return torch.softmax(x @ flat[: k * f].reshape(k, f).T + flat[k * f:], dim=1)
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_alie_cannot_move_a_two_class_softmax_model(classes):
+    # Why ALIE at any z leaves the binary clinical tasks' FedAvg model unchanged (docs/results.md):
+    # with two classes each hospital's head update has row 1 = -row 0 (softmax gradients sum to 0
+    # over classes), so the two rows have the same per-coordinate std and ALIE shifts both logits
+    # by the same amount, which softmax ignores. With three classes the shift does move the model.
+    model, benign_updates = _softmax_head_updates(classes)
+    start = torch.cat([model.weight.detach().flatten(), model.bias.detach()])
+    mal = make_attack("alie", z=1.5).collude(benign_updates, 2, ctx())
+    attacked = start + torch.cat([benign_updates, mal]).mean(0)
+    clean = start + benign_updates.mean(0)
+    x = torch.randn(50, 4, generator=torch.Generator().manual_seed(9))
+    gap = (_predict(model, attacked, x) - _predict(model, clean, x)).abs().max()
+    assert (attacked - clean).abs().max() > 0.01  # the attack did change the parameters
+    if classes == 2:
+        assert gap < 1e-5
+    else:
+        assert gap > 1e-2
+
+
 def test_ipm_is_minus_eps_times_the_benign_mean():
     b = benign()
     out = make_attack("ipm", eps=0.7).collude(b, 2, ctx())
