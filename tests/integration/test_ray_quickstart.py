@@ -63,6 +63,20 @@ def test_failing_hospital_fails_the_run(tmp_path):
     assert "hungary" in str(info.value)
 
 
+def test_diverged_hospital_fails_the_run_or_is_left_out(tmp_path):
+    nan = "attacks=[{attack: 'tests.integration.faulty:Diverge', hospitals: [1]}]"
+    with pytest.raises(RunFailed, match=r"hungary: its update has NaN"):
+        fedsec.run(QUICKSTART, overrides=["federation.rounds=2", nan], out=tmp_path / "strict", progress=False)
+    # allowed to go on with 1 of the 2 hospitals: the NaN update is dropped every round, named in
+    # the round's failures, and the model still learns
+    summary = fedsec.run(QUICKSTART, overrides=["federation.rounds=2", "federation.min_hospitals=1", nan],
+                         out=tmp_path / "lenient", progress=False)
+    rounds = [json.loads(x) for x in (tmp_path / "lenient" / "rounds.jsonl").read_text().splitlines()]
+    assert [any("hungary: its update has NaN" in f for f in r["failures"]) for r in rounds] == [True, True]
+    assert list(rounds[0]["train"]) == ["cleveland"]
+    assert summary["final"]["auroc"] > 0.75
+
+
 def test_killed_run_keeps_rounds_and_resumes_to_the_same_metrics(two_runs, tmp_path):
     """SIGKILL a run after its first round, resume it: finished rounds are kept and the
     resumed run ends with exactly the metrics of an uninterrupted one."""

@@ -36,6 +36,17 @@ from fedsec.metrics import METRIC_KEYS, classification_metrics
 log = logging.getLogger("fedsec")
 
 
+def finite_arrays(content: RecordDict) -> bool:
+    """False when any float array of the reply's ``arrays`` holds NaN or +-inf."""
+    if "arrays" not in content:
+        return True
+    for arr in content["arrays"].values():
+        a = arr.numpy()
+        if a.dtype.kind in "fc" and not np.isfinite(a).all():
+            return False
+    return True
+
+
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
@@ -133,9 +144,17 @@ class FedsecStrategy(FedAvg):
 
     def _check(self, server_round: int, replies, is_train: bool, expected: list[int]):
         valid, errors = self._check_and_log_replies(list(replies), is_train=is_train, validate=False)
+        # A diverged hospital (NaN / inf weights) is a failed reply, not an update: one NaN would
+        # make every rule's output NaN. It counts against federation.min_hospitals like a crash.
+        finite = [not is_train or finite_arrays(m.content) for m in valid]
+        diverged = [m for m, ok in zip(valid, finite) if not ok]
+        valid = [m for m, ok in zip(valid, finite) if ok]
         got = {int(m.content["metrics"]["hospital"]) for m in valid}
         problems = [f"{self._name(self.hospital_of.get(m.metadata.src_node_id, -1))}: {m.error.reason}"
                     for m in errors]
+        problems += [f"{self._name(int(m.content['metrics']['hospital']))}: its update has NaN or infinite values "
+                     "(local training diverged?); left out of the aggregate" for m in diverged]
+        got |= {int(m.content["metrics"]["hospital"]) for m in diverged}
         replied = got | {self.hospital_of.get(m.metadata.src_node_id, -1) for m in errors}
         problems += [f"{self._name(h)}: no reply within {self.scenario.federation.timeout_s:g} s"
                      for h in expected if h not in replied]
