@@ -77,32 +77,67 @@ def test_diverged_hospital_fails_the_run_or_is_left_out(tmp_path):
     assert summary["final"]["auroc"] > 0.75
 
 
-def test_killed_run_keeps_rounds_and_resumes_to_the_same_metrics(two_runs, tmp_path):
-    """SIGKILL a run after its first round, resume it: finished rounds are kept and the
-    resumed run ends with exactly the metrics of an uninterrupted one."""
+def _processes_naming(text: str) -> list[int]:
     import os
+
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def test_killed_run_keeps_rounds_and_resumes_to_the_same_metrics(two_runs, tmp_path, monkeypatch):
+    """SIGKILL a run after its first round: its Ray processes die with it, the next run removes
+    its Ray temp dir, and resuming it keeps the finished rounds and ends with exactly the
+    metrics of an uninterrupted one."""
+    import os
+    import shutil
     import signal
     import subprocess
     import sys
+    import tempfile
     import time
 
     out = tmp_path / "killed"
+    # a short private TMPDIR (Ray's socket paths must stay under 107 characters) tells this
+    # run's Ray processes apart from any other run's
+    tmp = tempfile.mkdtemp(prefix="fk", dir="/tmp")
     proc = subprocess.Popen([sys.executable, "-m", "fedsec.cli", "run", QUICKSTART, "federation.rounds=3",
                              "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        rounds = out / "rounds.jsonl"
-        if rounds.exists() and len(rounds.read_text().splitlines()) >= 1 and (out / "checkpoint.pt").exists():
-            break
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    kept = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
-    assert 1 <= len(kept) < 3, "the kill should land mid-run"
-    assert json.loads((out / "summary.json").read_text())["status"] == "running"
+                            start_new_session=True, env={**os.environ, "TMPDIR": tmp})
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            rounds = out / "rounds.jsonl"
+            if rounds.exists() and len(rounds.read_text().splitlines()) >= 1 and (out / "checkpoint.pt").exists():
+                break
+            time.sleep(0.05)
+        assert _processes_naming(tmp), "Ray's head should be running under the private TMPDIR"
+        os.kill(proc.pid, signal.SIGKILL)  # the driver only, as the OOM killer would
+        proc.wait()
+        deadline = time.time() + 30
+        while _processes_naming(tmp) and time.time() < deadline:
+            time.sleep(0.2)
+        assert _processes_naming(tmp) == [], "Ray processes outlived the killed run"
+        ray_dirs = lambda: [d for d in os.listdir(tmp) if d.startswith("fedsec-ray-")]  # noqa: E731
+        assert len(ray_dirs()) == 1  # what a SIGKILL leaves behind
+        kept = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+        assert 1 <= len(kept) < 3, "the kill should land mid-run"
+        assert json.loads((out / "summary.json").read_text())["status"] == "running"
 
-    summary = fedsec.run(None, resume=out, progress=False)
+        monkeypatch.setattr(tempfile, "tempdir", tmp)  # the next run starts in the same TMPDIR
+        summary = fedsec.run(None, resume=out, progress=False)
+        assert ray_dirs() == [], "the killed run's Ray temp dir should be gone"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        shutil.rmtree(tmp, ignore_errors=True)
     assert summary["status"] == "completed" and summary["rounds"] == 3
     resumed = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
     _, reference = two_runs[0]

@@ -73,6 +73,54 @@ def ray_init_args(scenario, verbose: bool, temp_dir: str | None) -> dict:
     return args
 
 
+_TEMP_PREFIX = "fedsec-ray-"
+_OWNER = "fedsec-owner"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_ray_dirs(parent: str | None = None) -> list[str]:
+    """Remove the Ray temp dirs of fedsec runs that were killed outright (SIGKILL, the OOM
+    killer) before they could clean up. Ray itself fate-shares its head processes with the
+    run on Linux, so those die with it; only the dir (session logs, sockets) is left behind.
+    A dir is stale when the pid in its owner file is gone. -> the dirs removed."""
+    parent = parent or tempfile.gettempdir()
+    removed = []
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith(_TEMP_PREFIX)]
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(parent, name)
+        try:
+            with open(os.path.join(path, _OWNER)) as fh:
+                pid = int(fh.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # not ours, or still being set up
+        if not _alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def make_ray_temp_dir() -> str:
+    """A private Ray temp dir for this run, with an owner file naming this process; stale dirs
+    of killed runs are removed first."""
+    remove_stale_ray_dirs()
+    path = tempfile.mkdtemp(prefix=_TEMP_PREFIX)
+    with open(os.path.join(path, _OWNER), "w") as fh:
+        fh.write(f"{os.getpid()}\n")
+    return path
+
+
 def run_ray(scenario, serve_fn, num_hospitals: int, verbose: bool = False):
     """Run ``serve_fn(grid)`` as the ServerApp with one virtual SuperNode per hospital.
 
@@ -85,7 +133,7 @@ def run_ray(scenario, serve_fn, num_hospitals: int, verbose: bool = False):
 
     check_resources(scenario)
     quiet(verbose)
-    temp_dir = None if scenario.engine.address else tempfile.mkdtemp(prefix="fedsec-ray-")
+    temp_dir = None if scenario.engine.address else make_ray_temp_dir()
     holder: dict = {}
     server_app = ServerApp()
 
