@@ -1,4 +1,4 @@
-"""Engine checks that must fail fast, before Ray starts."""
+"""Engine checks that must fail fast, before Ray starts, and the clean-up after killed runs."""
 
 import pytest
 import torch
@@ -55,3 +55,21 @@ def test_fresh_run_into_used_folder_starts_clean(tmp_path):
     assert d.read_rounds() == [] and not (tmp_path / "summary.json").exists()
     assert not (tmp_path / "figures" / "old.png").exists() and (tmp_path / "figures").is_dir()
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_stale_ray_dirs_of_dead_runs_are_removed(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from fedsec.federation.engine import remove_stale_ray_dirs
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid is now free (a recycled pid would only keep the dir: the safe side)
+    for name, owner in [("fedsec-ray-dead", dead.pid), ("fedsec-ray-live", os.getpid()), ("fedsec-ray-new", None),
+                        ("other-dead", dead.pid)]:
+        (tmp_path / name).mkdir()
+        if owner is not None:
+            (tmp_path / name / "fedsec-owner").write_text(f"{owner}\n")
+    assert remove_stale_ray_dirs(str(tmp_path)) == [str(tmp_path / "fedsec-ray-dead")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fedsec-ray-live", "fedsec-ray-new", "other-dead"]
