@@ -57,3 +57,13 @@ def test_bad_steps_name_the_key():
         load_scenario(QUICKSTART, ["federation.local.steps=0"])
     s = load_scenario(QUICKSTART, ["federation.local.steps=1"])
     assert s.federation.local.steps == 1
+
+
+def test_pooled_baseline_sees_as_many_samples_as_a_fixed_step_federation():
+    from fedsec.baseline import centralised
+
+    s = load_scenario(QUICKSTART, ["federation.local.steps=20", "federation.rounds=6"])
+    res = centralised(s)
+    seen = 6 * 20 * s.federation.local.batch_size * 2  # rounds x steps x batch x 2 hospitals
+    assert res["epochs"] == math.ceil(seen / res["train_rows"]) and res["epochs"] > 1
+    assert centralised(load_scenario(QUICKSTART, ["federation.rounds=3"]))["epochs"] == 3  # rounds x epochs
