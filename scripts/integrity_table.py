@@ -52,10 +52,15 @@ ATTACKS = {
     },
 }
 # Krum needs n > 2f + 2 (Blanchard et al. 2017): with 4 hospitals and 1 attacker it cannot
-# run, so the heart table has trimmed mean in its place.
+# run, so the heart table has trimmed mean in its place. Trimmed mean trims f values at each
+# end (trim = f, Yin et al. 2018's condition): Flower's default beta = 0.2 would trim
+# floor(0.2 n) = 0 of 4 hospitals (the plain mean) and 1 of 8 (< f = 2).
 DEFENSES_BY_TASK = {"cxr": ["fedavg", "krum", "median", "norm_bounding", "flame"],
-                    "cxr_fedsgd": ["fedavg", "krum", "median", "trimmed_mean"],
-                    "heart": ["fedavg", "trimmed_mean", "median", "norm_bounding", "flame"]}
+                    "cxr_fedsgd": ["fedavg", "krum", "median", "trimmed_mean_f"],
+                    "heart": ["fedavg", "trimmed_mean_f", "median", "norm_bounding", "flame"]}
+# defense label -> the `strategy` override (default: the preset of that name)
+STRATEGY = {("heart", "trimmed_mean_f"): "{rule: trimmed_mean, trim: 1}",
+            ("cxr_fedsgd", "trimmed_mean_f"): "{rule: trimmed_mean, trim: 2}"}
 DEFENSES: list[str] = []
 ONLY_ATTACKS: list[str] = []  # --attacks / --defenses: run (or tabulate) a subset of the grid
 ONLY_DEFENSES: list[str] = []
@@ -67,10 +72,11 @@ ONLY_DEFENSES: list[str] = []
 PRIORITY = {("model_replacement", "fedavg"), ("model_replacement", "norm_bounding"), ("model_replacement", "flame"),
             ("gaussian", "krum"), ("gaussian", "median"), ("alie", "krum"), ("alie", "median"),
             ("alie_z1.5", "krum"), ("alie_z1.5", "median"), ("alie_z1", "krum"), ("alie_z1", "median"),
-            ("alie_z1", "trimmed_mean"), ("alie_z0.67", "median"), ("alie_z0.67", "krum"),
-            ("alie_z0.67", "trimmed_mean"),
+            ("alie_z0.67", "median"), ("alie_z0.67", "krum"),
+            ("alie_z0.67", "trimmed_mean_f"), ("alie_z1", "trimmed_mean_f"), ("gaussian", "trimmed_mean_f"),
+            ("alie", "trimmed_mean_f"), ("ehr_backdoor_boosted", "trimmed_mean_f"),
             ("ehr_backdoor_boosted", "fedavg"), ("ehr_backdoor_boosted", "norm_bounding"),
-            ("ehr_backdoor_boosted", "flame"), ("gaussian", "trimmed_mean"), ("alie", "trimmed_mean")}
+            ("ehr_backdoor_boosted", "flame")}
 
 
 def cell_runs(task: str, seeds: list[int], out: Path):
@@ -81,7 +87,7 @@ def cell_runs(task: str, seeds: list[int], out: Path):
             continue
         override = ATTACKS[task][attack]
         for seed in seeds:
-            ov = [f"strategy={defense}", f"seed={seed}", "attacks=none" if override is None else f"attacks={override}"]
+            ov = [f"strategy={STRATEGY.get((task, defense), defense)}", f"seed={seed}", "attacks=none" if override is None else f"attacks={override}"]
             yield attack, defense, seed, ov, out / "runs" / f"{attack}-{defense}-s{seed}"
 
 
