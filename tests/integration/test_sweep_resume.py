@@ -1,7 +1,9 @@
 """fedsec sweep on Ray, stopped half-way (Ctrl-C, then SIGKILL) and re-run: only unfinished
 cells run again, nothing is left running, and the final tables equal an uninterrupted sweep's.
 
-Tiny grid: quickstart (2 hospitals), 2 rounds, strategy=fedavg,median, one seed.
+Tiny grid: quickstart (2 hospitals), 2 rounds, strategy=fedavg,median, one seed. 200 local
+epochs make each round last about a second, so a signal meant to land mid-cell cannot arrive
+after a cell that finished in a few milliseconds (a race CI once lost).
 """
 
 import os
@@ -19,7 +21,7 @@ QUICKSTART = str(ROOT / "scenarios" / "quickstart.yaml")
 
 
 def sweep_cmd(out: Path) -> list[str]:
-    return [sys.executable, "-m", "fedsec.sweep", QUICKSTART, "federation.rounds=2",
+    return [sys.executable, "-m", "fedsec.sweep", QUICKSTART, "federation.rounds=2", "federation.local.epochs=200",
             "--grid", "strategy=fedavg,median", "--seeds", "0", "--out", str(out), "--parallel", "1"]
 
 
