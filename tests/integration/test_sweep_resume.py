@@ -2,8 +2,7 @@
 cells run again, nothing is left running, and the final tables equal an uninterrupted sweep's.
 
 Tiny grid: quickstart (2 hospitals), 2 rounds, strategy=fedavg,median, one seed. 200 local
-epochs make each round last about a second, so a signal meant to land mid-cell cannot arrive
-after a cell that finished in a few milliseconds (a race CI once lost).
+epochs make each round last a few seconds, so a signal meant to land mid-cell does.
 """
 
 import os
@@ -81,6 +80,12 @@ def stop_and_check_no_orphans(proc: subprocess.Popen, sig: int) -> int:
     return code
 
 
+def _ctrl_c_enabled():
+    # A shell runs background jobs (`cmd &`, nohup) with SIGINT ignored, and Python keeps an
+    # ignored SIGINT ignored: give the sweep the Ctrl-C a terminal user's sweep would get.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_to_end(out: Path) -> subprocess.CompletedProcess:
     res = subprocess.run(sweep_cmd(out), capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -93,13 +98,15 @@ def test_interrupt_kill_and_resume(tmp_path):
 
     # 1. Ctrl-C while the first cell runs: exit 130, the cell is marked unfinished, nothing left running
     log = open(tmp_path / "a.log", "w")
-    proc = subprocess.Popen(sweep_cmd(out), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(sweep_cmd(out), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=_ctrl_c_enabled)
     wait_for(lambda: cell_statuses(out).get("strategy=fedavg") == "running", 300, "the first cell to start")
     assert stop_and_check_no_orphans(proc, signal.SIGINT) == 130
     assert cell_statuses(out)["strategy=fedavg"] in ("interrupted", "running")
 
     # 2. re-run; SIGKILL once the first cell is done and the second one runs
-    proc = subprocess.Popen(sweep_cmd(out), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(sweep_cmd(out), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=_ctrl_c_enabled)
     wait_for(lambda: cell_statuses(out) == {"strategy=fedavg": "completed", "strategy=median": "running"}, 400,
              "the first cell to complete and the second to start")
     assert stop_and_check_no_orphans(proc, signal.SIGKILL) == -signal.SIGKILL
