@@ -1,7 +1,8 @@
 """The centralised (pooled-data) baseline of a scenario, from the same task, model and
 training loop: every hospital's training rows pooled at one site, trained for
 ``rounds x local.epochs`` epochs (with ``local.steps``: enough epochs to see as many samples
-as the federation does), scored on the union of the hospitals' test sets. It is the reference a federated run is compared with (FLamby's "pooled" column)."""
+as the federation does), scored on the union of the hospitals' test sets. It is the
+reference a federated run is compared with (FLamby's "pooled" column)."""
 
 from __future__ import annotations
 

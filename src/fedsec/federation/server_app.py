@@ -149,13 +149,12 @@ class FedsecStrategy(FedAvg):
         finite = [not is_train or finite_arrays(m.content) for m in valid]
         diverged = [m for m, ok in zip(valid, finite) if not ok]
         valid = [m for m, ok in zip(valid, finite) if ok]
-        got = {int(m.content["metrics"]["hospital"]) for m in valid}
         problems = [f"{self._name(self.hospital_of.get(m.metadata.src_node_id, -1))}: {m.error.reason}"
                     for m in errors]
         problems += [f"{self._name(int(m.content['metrics']['hospital']))}: its update has NaN or infinite values "
                      "(local training diverged?); left out of the aggregate" for m in diverged]
-        got |= {int(m.content["metrics"]["hospital"]) for m in diverged}
-        replied = got | {self.hospital_of.get(m.metadata.src_node_id, -1) for m in errors}
+        replied = ({int(m.content["metrics"]["hospital"]) for m in valid + diverged}
+                   | {self.hospital_of.get(m.metadata.src_node_id, -1) for m in errors})
         problems += [f"{self._name(h)}: no reply within {self.scenario.federation.timeout_s:g} s"
                      for h in expected if h not in replied]
         need = self.scenario.federation.min_hospitals

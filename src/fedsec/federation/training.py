@@ -52,6 +52,7 @@ def train_local(model: torch.nn.Module, data: Split, task, local, generator: tor
     optimizer = optimizer or make_optimizer(model, local)
     total, steps = 0.0, 0
     x_all, y_all = data.x, data.y
+    limit = step_limit(local)
     for _ in epoch_range(local):
         iterator = data_loader if data_loader is not None else (
             (x_all[i], y_all[i]) for i in batches(len(data), local.batch_size, generator))
@@ -66,9 +67,9 @@ def train_local(model: torch.nn.Module, data: Split, task, local, generator: tor
             optimizer.step()
             total += float(loss.detach())
             steps += 1
-            if steps == step_limit(local):
+            if steps == limit:
                 break
-        if step_limit(local) and steps in (step_limit(local), before):  # done, or no data to step on
+        if limit and steps in (limit, before):  # done, or no data to step on
             break
     return {"loss": total / max(steps, 1), "steps": steps}
 

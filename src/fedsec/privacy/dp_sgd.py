@@ -263,6 +263,7 @@ def train_dp_sgd(model: torch.nn.Module, data, task, local, dp: DPConfig, *, gen
                 module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=p.noise_multiplier,
                 max_grad_norm=p.max_grad_norm, poisson_sampling=dp.poisson, noise_generator=noise_gen)
             total, batches, steps = 0.0, 0, 0
+            limit = step_limit(local)
             for _ in epoch_range(local):
                 for xb, yb in dp_loader:
                     xb, yb = xb.to(device), yb.to(device)
@@ -276,9 +277,9 @@ def train_dp_sgd(model: torch.nn.Module, data, task, local, dp: DPConfig, *, gen
                     if len(xb):
                         total += float(loss.detach())
                         batches += 1
-                    if steps == step_limit(local):
+                    if steps == limit:
                         break
-                if steps == step_limit(local):
+                if steps == limit:
                     break
     except RuntimeError as err:
         if "BackwardHookFunction" in str(err) or "inplace" in str(err):
