@@ -20,6 +20,7 @@ from fedsec.errors import FedsecError
 from fedsec.registry import MODELS
 
 
+@MODELS.register("logistic")
 class LogisticRegression(nn.Module):
     """x [N, F] -> logits [N, K]: a single linear layer (softmax regression; K=2 is logistic)."""
 
@@ -31,6 +32,7 @@ class LogisticRegression(nn.Module):
         return self.linear(x.flatten(1))
 
 
+@MODELS.register("mlp")
 class MLP(nn.Module):
     """x [N, F] -> logits [N, K]; ``hidden`` widths, ReLU (not in place: Opacus-safe)."""
 
@@ -51,6 +53,7 @@ class MLP(nn.Module):
         return self.net(x.flatten(1))
 
 
+@MODELS.register("small_cnn")
 class SmallCNN(nn.Module):
     """Images [N, C, H, W] -> logits [N, K]. Two conv blocks + a linear head; trains in
     seconds per epoch on CPU at 28x28. GroupNorm (not BatchNorm) so that federated averaging
@@ -83,6 +86,7 @@ def _opacus_fix(model: nn.Module) -> nn.Module:
     return ModuleValidator.fix(model)
 
 
+@MODELS.register("densenet121")
 def monai_densenet121(input_shape, num_classes: int, opacus: bool = False, **kw):
     from monai.networks.nets import DenseNet121
 
@@ -105,10 +109,11 @@ def _monai_resnet(depth: int):
     return build
 
 
-monai_resnet10 = _monai_resnet(10)
-monai_resnet18 = _monai_resnet(18)
+monai_resnet10 = MODELS.register("resnet10", _monai_resnet(10))
+monai_resnet18 = MODELS.register("resnet18", _monai_resnet(18))
 
 
+@MODELS.register("efficientnet_b0")
 def monai_efficientnet_b0(input_shape, num_classes: int, opacus: bool = False, **kw):
     from monai.networks.nets import EfficientNetBN
 

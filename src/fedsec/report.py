@@ -1103,7 +1103,8 @@ def _privacy_available(setting: dict, module: str) -> bool:
 
 def threat_map_markdown() -> str:
     """docs/threat-model.md, generated from attacks/*.yaml and strategies/*.yaml."""
-    from fedsec.scenario import TASK_DOMAIN, TAXONOMY, list_presets, project_root
+    from fedsec.registry import TASKS
+    from fedsec.scenario import TAXONOMY, list_presets, project_root
 
     root = project_root()
     attacks = []
@@ -1117,8 +1118,8 @@ def threat_map_markdown() -> str:
         strategies.append({"preset": name, "rule": data.get("rule"),
                            "description": " ".join(str(data.get("description", "")).split())})
     tasks_by_domain: dict[str, list[str]] = {}
-    for task, dom in TASK_DOMAIN.items():
-        tasks_by_domain.setdefault(dom, []).append(task)
+    for task, builder in TASKS.items():
+        tasks_by_domain.setdefault(builder.spec.domain, []).append(task)
     domains = [d for d in TAXONOMY["domain"] if d != "imaging"]
     covered_domains = [d for d in domains if d in tasks_by_domain]
 

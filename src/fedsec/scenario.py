@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -19,7 +21,7 @@ import yaml
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf  # noqa: F401
 from omegaconf import errors as oc_errors
 
-from fedsec.errors import ScenarioError
+from fedsec.errors import FedsecError, ScenarioError
 from fedsec.registry import did_you_mean
 
 # --------------------------------------------------------------------------------------
@@ -169,20 +171,11 @@ TAXONOMY: dict[str, tuple[str, ...]] = {
     "goal": ("integrity", "confidentiality", "availability"),
 }
 
-TASK_DOMAIN = {
-    "heart_disease": "ehr_prediction",
-    "ehr_csv": "ehr_prediction",
-    "pneumonia": "image_classification",
-    "medmnist": "image_classification",
-    "mednist": "image_classification",
-}
-
 # Keys of an attack entry the framework itself interprets; everything else goes to the attack.
 ATTACK_FRAMEWORK_KEYS = ("preset", "attack", "hospitals", "fraction", "rounds", "only_when_selected",
                          "description", "threat")
 STRATEGY_FRAMEWORK_KEYS = ("preset", "rule", "description", "flower")
 
-NATURAL_SITES = {"heart_disease": ["cleveland", "hungary", "switzerland", "va"]}
 
 
 # --------------------------------------------------------------------------------------
@@ -230,12 +223,7 @@ def load_preset(kind: str, name: str, key: str, file: str, near: Path | None) ->
             file=file, key=key,
         )
     path = presets[name]
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ScenarioError(f"preset file is not valid YAML: {err}", file=str(path)) from None
-    if not isinstance(data, dict):
-        raise ScenarioError("a preset file must be a mapping", file=str(path))
+    data = _read_yaml(path)
     return data
 
 
@@ -244,22 +232,135 @@ def load_preset(kind: str, name: str, key: str, file: str, near: Path | None) ->
 # --------------------------------------------------------------------------------------
 
 
-def _read_yaml(path: Path) -> dict:
-    if not path.exists():
-        raise ScenarioError("scenario file not found", file=str(path))
-    if path.is_dir():
-        raise ScenarioError("expected a scenario YAML file, got a directory", file=str(path))
+# A scenario file is untrusted input (docs/threat-model.md, "the scenario file"): it is read
+# with bounds on size, aliases and nesting, decoded as UTF-8, and never interpolated.
+MAX_SCENARIO_BYTES = 1 << 20  # 1 MiB: the largest shipped scenario is ~2 KB
+MAX_YAML_ALIASES = 100
+MAX_YAML_NODES = 20_000  # after aliases are expanded (an alias "bomb" stops here)
+
+# YAML 1.1 (PyYAML) reads 1e30 as a string: scenarios read it as the number a user means.
+_FLOAT_RE = r"""^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"""
+
+
+class _ScenarioLoader(yaml.SafeLoader):
+    """SafeLoader (no Python objects) that refuses duplicate keys and counts aliases."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_YAML_ALIASES:
+                mark = self.peek_event().start_mark
+                raise yaml.YAMLError(f"more than {MAX_YAML_ALIASES} aliases (line {mark.line + 1})")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a key must be a plain value, got {key!r}", key_node.start_mark) from None
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}' (line {key_node.start_mark.line + 1}): "
+                                "a key may appear once", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+import re as _re  # noqa: E402
+
+_ScenarioLoader.add_implicit_resolver("tag:yaml.org,2002:float", _re.compile(_FLOAT_RE),
+                                      list("-+0123456789"))
+
+
+def parse_yaml_text(text: str, source: str):
+    """YAML text -> plain data, with the bounds above; errors name ``source``."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_SCENARIO_BYTES:
+        raise ScenarioError(f"larger than {MAX_SCENARIO_BYTES // 1024} KiB: not a scenario file", file=source)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(text, Loader=_ScenarioLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(err, "problem", None) or str(err)
-        raise ScenarioError(f"not valid YAML{where}: {problem}", file=str(path)) from None
+        raise ScenarioError(f"not valid YAML{where}: {problem}", file=source) from None
+    except RecursionError:
+        raise ScenarioError("YAML nested too deeply", file=source) from None
+    _check_plain(data, source)
+    return data
+
+
+def _check_plain(data, source: str) -> None:
+    """Bounded size after alias expansion; no OmegaConf interpolation or missing markers;
+    mapping keys are strings."""
+    count = 0
+    stack = [(data, "", 0)]
+    while stack:
+        node, key, depth = stack.pop()
+        count += 1
+        if count > MAX_YAML_NODES:
+            raise ScenarioError(f"more than {MAX_YAML_NODES} values once aliases are expanded", file=source)
+        if depth > 50:
+            raise ScenarioError("nested more than 50 levels deep", file=source, key=key or None)
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if not isinstance(k, str):
+                    raise ScenarioError(f"keys must be names, got {k!r}", file=source, key=key or None)
+                stack.append((v, f"{key}.{k}" if key else k, depth + 1))
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                stack.append((v, f"{key}[{i}]", depth + 1))
+        elif isinstance(node, str):
+            if "${" in node:
+                raise ScenarioError(
+                    f"interpolation ({node!r}) is not allowed: a scenario is data, it cannot read the "
+                    "environment or other keys; write the value itself", file=source, key=key or None)
+            if node == "???":
+                raise ScenarioError("'???' is not a value (write the value, or null)", file=source, key=key or None)
+        elif isinstance(node, float) and not math.isfinite(node):
+            raise ScenarioError(f"must be a finite number, got {node}", file=source, key=key or None)
+        elif not (node is None or isinstance(node, (bool, int, float))):
+            raise ScenarioError(f"unsupported value {node!r} (YAML dates and binary are not scenario values)",
+                                file=source, key=key or None)
+
+
+def _read_yaml(path: Path) -> dict:
+    source = str(path)
+    try:
+        st = path.stat()  # follows symlinks: what would be read
+    except FileNotFoundError:
+        raise ScenarioError("scenario file not found", file=source) from None
+    except OSError as err:
+        raise ScenarioError(f"cannot read: {err.strerror}", file=source) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ScenarioError("expected a scenario YAML file, got a directory", file=source)
+    if not stat.S_ISREG(st.st_mode):
+        raise ScenarioError("not a regular file (a device, pipe or socket is not a scenario)", file=source)
+    if st.st_size > MAX_SCENARIO_BYTES:
+        raise ScenarioError(f"{st.st_size} bytes, larger than {MAX_SCENARIO_BYTES // 1024} KiB: "
+                            "not a scenario file", file=source)
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_SCENARIO_BYTES + 1)
+    except OSError as err:
+        raise ScenarioError(f"cannot read: {err.strerror}", file=source) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ScenarioError(f"not UTF-8 text (byte {err.start}: {raw[err.start:err.start + 1]!r})",
+                            file=source) from None
+    data = parse_yaml_text(text, source)
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ScenarioError("a scenario file must be a mapping of keys", file=str(path))
+        raise ScenarioError("a scenario file must be a mapping of keys", file=source)
     return data
 
 
@@ -270,64 +371,178 @@ def _schema_keys(node) -> list[str]:
         return []
 
 
+def _oc_key(err) -> str:
+    """OmegaConf's ``attacks.0.x`` -> fedsec's ``attacks[0].x``."""
+    key = str(getattr(err, "full_key", None) or getattr(err, "key", None) or "")
+    return format_key([int(t) if t.isdigit() else t for t in key.split(".")]) if key else ""
+
+
+_SECTIONS = {"task": ("model_options", "options"), "federation": ("partition", "local"), "privacy": (),
+             "threat_model": (), "engine": (), "output": ()}
+
+
+def _check_shape(data, source: str) -> None:
+    """Sections are mappings, ``attacks`` a list, ``strategy`` a name or a mapping: said with
+    the key, before OmegaConf's own messages (which name neither)."""
+    if not isinstance(data, dict):
+        raise ScenarioError("a scenario must be a mapping of keys", file=source)
+    for section, subs in _SECTIONS.items():
+        value = data.get(section)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise ScenarioError(f"expected a mapping of keys, got {value!r}", file=source, key=section)
+        for sub in subs:
+            if value.get(sub) is not None and not isinstance(value[sub], dict):
+                raise ScenarioError(f"expected a mapping of keys, got {value[sub]!r}", file=source,
+                                    key=f"{section}.{sub}")
+    if data.get("attacks") is not None and not isinstance(data["attacks"], list):
+        raise ScenarioError(f"expected a list of attacks, got {data['attacks']!r}", file=source, key="attacks")
+    if data.get("strategy") is not None and not isinstance(data["strategy"], (str, dict)):
+        raise ScenarioError(f"expected a preset name or a mapping, got {data['strategy']!r}", file=source,
+                            key="strategy")
+    for k in ("name", "description"):
+        if data.get(k) is not None and not isinstance(data[k], str):
+            raise ScenarioError(f"expected text, got {data[k]!r}", file=source, key=k)
+
+
 def _merge_checked(base: DictConfig, data, source: str) -> DictConfig:
     """Merge ``data`` onto the structured ``base``; turn OmegaConf errors into ScenarioErrors."""
+    if isinstance(data, dict):
+        _check_shape(data, source)
     try:
         return OmegaConf.merge(base, data)
     except oc_errors.ConfigKeyError as err:
-        key = err.full_key or str(err.key)
-        parent_key, _, leaf = key.rpartition(".")
-        parent = OmegaConf.select(base, parent_key) if parent_key else base
+        key = _oc_key(err)
+        parent_key, _, leaf = str(err.full_key or err.key).rpartition(".")
+        try:
+            parent = OmegaConf.select(base, parent_key) if parent_key else base
+        except Exception:  # noqa: BLE001 - only for the hint
+            parent = None
         hint = did_you_mean(leaf, _schema_keys(parent)) if isinstance(parent, DictConfig) else ""
         raise ScenarioError(f"unknown key{hint}", file=source, key=key) from None
     except oc_errors.ValidationError as err:
-        key = err.full_key or str(err.key)
-        expected = getattr(err, "ref_type", None) or ""
-        raise ScenarioError(f"wrong type: {err.msg.splitlines()[0]}", file=source, key=key) from None
-    except oc_errors.OmegaConfBaseException as err:  # pragma: no cover - other OmegaConf errors
-        raise ScenarioError(str(err).splitlines()[0], file=source,
-                            key=getattr(err, "full_key", None)) from None
+        msg = str(getattr(err, "msg", None) or err).splitlines()[0]
+        raise ScenarioError(f"wrong type: {msg}", file=source, key=_oc_key(err) or None) from None
+    except oc_errors.OmegaConfBaseException as err:
+        msg = str(getattr(err, "msg", None) or err).splitlines()[0]
+        raise ScenarioError(f"wrong value or type: {msg}", file=source, key=_oc_key(err) or None) from None
+    except (TypeError, ValueError, RecursionError) as err:
+        raise ScenarioError(f"wrong value or type: {str(err).splitlines()[0] if str(err) else type(err).__name__}",
+                            file=source) from None
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``key=value`` with a YAML value (``rounds=3``, ``sites=[cleveland,va]``)."""
+    """``key=value`` with a YAML value (``rounds=3``, ``sites=[cleveland,va]``); the key may
+    address list items (``attacks[0].poison_fraction=0``, ``attacks.0.poison_fraction=0``)."""
     if "=" not in text:
         raise ScenarioError(f"expected key=value, got '{text}'", file="command line")
     key, _, raw = text.partition("=")
     key = key.strip()
     if not key:
         raise ScenarioError(f"empty key in '{text}'", file="command line")
+    source = f"override '{text}'"
+    if not raw.strip():
+        return key, None
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
+        value = parse_yaml_text(raw, source)
+    except ScenarioError as err:
+        if "not valid YAML" not in err.detail:
+            raise
+        value = raw  # a plain string that happens not to be YAML (e.g. "a: b: c")
     return key, value
 
 
-def _apply_override(cfg: DictConfig, key: str, value: Any, text: str) -> DictConfig:
+_TOKEN = _re.compile(r"([^.\[\]]+)|\[(-?\d+)\]")
+
+
+def key_tokens(key: str, source: str) -> list:
+    """``attacks[0].x`` / ``attacks.0.x`` -> ``['attacks', 0, 'x']``."""
+    tokens: list = []
+    pos = 0
+    for m in _TOKEN.finditer(key):
+        if m.start() != pos and key[pos:m.start()] != ".":
+            raise ScenarioError(f"cannot read the key path '{key}'", file=source, key=key)
+        pos = m.end()
+        if m.group(2) is not None:
+            tokens.append(int(m.group(2)))
+        else:
+            name = m.group(1)
+            tokens.append(int(name) if name.isdigit() and tokens else name)
+    if pos != len(key) or not tokens or not isinstance(tokens[0], str):
+        raise ScenarioError(f"cannot read the key path '{key}'", file=source, key=key)
+    return tokens
+
+
+def format_key(tokens: list) -> str:
+    out = ""
+    for t in tokens:
+        out += f"[{t}]" if isinstance(t, int) else (f".{t}" if out else t)
+    return out
+
+
+def _set_path(data: dict, tokens: list, value, source: str) -> None:
+    """Set ``data[tokens...] = value``, creating mappings on the way; list indices must exist."""
+    node = data
+    for depth, tok in enumerate(tokens[:-1]):
+        here = format_key(tokens[:depth + 1])
+        nxt = tokens[depth + 1]
+        if isinstance(tok, int):
+            if not isinstance(node, list):
+                raise ScenarioError(f"'{format_key(tokens[:depth])}' is not a list", file=source, key=here)
+            if not -len(node) <= tok < len(node):
+                raise ScenarioError(f"index {tok} out of range: '{format_key(tokens[:depth])}' has "
+                                    f"{len(node)} item(s)", file=source, key=here)
+            if isinstance(node[tok], str) and isinstance(nxt, str):
+                node[tok] = {"preset": node[tok]}  # a preset name gains options
+            node = node[tok]
+        else:
+            if not isinstance(node, dict):
+                raise ScenarioError(f"'{format_key(tokens[:depth])}' is not a mapping", file=source, key=here)
+            if node.get(tok) is None:
+                node[tok] = [] if isinstance(nxt, int) else {}
+            elif isinstance(node[tok], str) and isinstance(nxt, str):
+                node[tok] = {"preset": node[tok]}  # `strategy: krum` + `strategy.num_malicious=1`
+            node = node[tok]
+    last = tokens[-1]
+    if isinstance(last, int):
+        if not isinstance(node, list) or not -len(node) <= last < len(node):
+            size = len(node) if isinstance(node, list) else 0
+            raise ScenarioError(f"index {last} out of range: '{format_key(tokens[:-1])}' has {size} item(s)",
+                                file=source, key=format_key(tokens))
+        node[last] = value
+    else:
+        if not isinstance(node, dict):
+            raise ScenarioError(f"'{format_key(tokens[:-1])}' is not a mapping", file=source,
+                                key=format_key(tokens))
+        node[last] = value
+
+
+def _apply_override(data: dict, key: str, value: Any, text: str) -> dict:
+    """Apply one ``key=value`` to the plain scenario data (before presets are resolved, so an
+    attack's or strategy's option set here wins over its preset file)."""
     source = f"override '{text}'"
     # Shorthands: `attacks=alie` swaps the preset keeping who/when; `attacks=none` removes them.
     if key == "attacks" and (value is None or isinstance(value, str)):
         if value in (None, "none", "null", ""):
-            cfg.attacks = []
+            data["attacks"] = []
         else:
-            current = OmegaConf.to_container(cfg.attacks) or [{}]
-            first = current[0] if isinstance(current[0], dict) else {}
+            current = data.get("attacks") or [{}]
+            first = current[0] if isinstance(current, list) and current and isinstance(current[0], dict) else {}
             keep = {k: first[k] for k in ("hospitals", "fraction", "rounds", "only_when_selected") if k in first}
-            cfg.attacks = [{"preset": value, **keep}]
-        return cfg
-    if key == "strategy" and isinstance(value, str):
-        cfg.strategy = value
-        return cfg
-    top = key.split(".")[0]
-    if top not in _schema_keys(cfg):
-        raise ScenarioError(f"unknown key{did_you_mean(top, _schema_keys(cfg))}", file=source, key=key)
-    dotted = OmegaConf.create({})
-    try:
-        OmegaConf.update(dotted, key, value, force_add=True)
-    except oc_errors.OmegaConfBaseException as err:
-        raise ScenarioError(str(err).splitlines()[0], file=source, key=key) from None
-    return _merge_checked(cfg, dotted, source)
+            data["attacks"] = [{"preset": value, **keep}]
+        return data
+    tokens = key_tokens(key, source)
+    top = tokens[0]
+    schema = _schema_keys(OmegaConf.structured(Scenario))
+    if top not in schema:
+        raise ScenarioError(f"unknown key{did_you_mean(top, schema)}", file=source, key=format_key(tokens))
+    _set_path(data, tokens, value, source)
+    return data
+
+
+def _container(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=False)
 
 
 def load_scenario(source: str | os.PathLike | dict | Scenario,
@@ -337,6 +552,7 @@ def load_scenario(source: str | os.PathLike | dict | Scenario,
         data, file, near = source.to_dict(), "<scenario>", None
     elif isinstance(source, dict):
         data, file, near = copy.deepcopy(source), "<dict>", None
+        _check_plain(data, file)
     else:
         path = Path(source)
         data, file, near = _read_yaml(path), str(path), path
@@ -348,9 +564,10 @@ def load_scenario(source: str | os.PathLike | dict | Scenario,
                      else f"{k}={v}" for k, v in overrides.items()]
     for text in overrides or []:
         key, value = parse_override(text)
-        cfg = _apply_override(cfg, key, value, text)
+        plain_data = _apply_override(_container(cfg), key, value, text)
+        cfg = _merge_checked(base, plain_data, f"override '{text}'")
 
-    container = OmegaConf.to_container(cfg, resolve=True)
+    container = _container(cfg)
     container["strategy"] = _resolve_strategy(container["strategy"], file, near)
     container["attacks"] = _resolve_attacks(container["attacks"], file, near)
     cfg = _merge_checked(base, container, file)
@@ -408,6 +625,18 @@ def _resolve_attacks(value: Any, file: str, near: Path | None) -> list[dict]:
 # --------------------------------------------------------------------------------------
 
 
+def _task_spec(name: str):
+    from fedsec.registry import TASKS
+
+    return TASKS.get(name).spec if name in TASKS else None
+
+
+def natural_sites(task_name: str) -> list[str] | None:
+    """The natural hospitals of a task whose data names them (from its declaration)."""
+    spec = _task_spec(task_name)
+    return list(spec.sites) if spec is not None and spec.sites else None
+
+
 def expected_hospitals(s: Scenario) -> int | None:
     """The number of hospitals when it can be known before loading data."""
     fed = s.federation
@@ -415,92 +644,167 @@ def expected_hospitals(s: Scenario) -> int | None:
         return len(fed.sites)
     if fed.hospitals is not None:
         return int(fed.hospitals)
-    if str(fed.partition.get("name", "natural")) == "natural" and s.task.name in NATURAL_SITES:
-        return len(NATURAL_SITES[s.task.name])
+    sites = natural_sites(s.task.name)
+    if str(fed.partition.get("name", "natural")) == "natural" and sites:
+        return len(sites)
     return None
 
 
+def hospitals_per_round(s: Scenario, n: int) -> int:
+    """How many hospitals train in a round (the server's selection: ceil(fraction * n))."""
+    return min(n, max(1, math.ceil(s.federation.fraction_train * n)))
+
+
+# Documented ranges of the scenario's numbers (docs/scenarios.md). Values outside are errors:
+# a typo such as rounds: 1000000000000 must not start a run that never ends.
+RANGES: dict[str, tuple[float | None, float | None]] = {
+    "seed": (0, 2**32 - 1),
+    "federation.hospitals": (1, 100_000),
+    "federation.rounds": (1, 100_000),
+    "federation.min_hospitals": (1, 100_000),
+    "federation.acquisition_shift": (0.0, 1.0),
+    "federation.timeout_s": (1e-3, 7 * 24 * 3600.0),
+    "federation.local.epochs": (1, 10_000),
+    "federation.local.steps": (1, 10_000_000),
+    "federation.local.batch_size": (1, 1_000_000),
+    "federation.local.lr": (1e-12, 1e3),
+    "federation.local.momentum": (0.0, 0.999999),
+    "federation.local.weight_decay": (0.0, 10.0),
+    "engine.num_cpus": (1e-3, 4096.0),
+    "engine.num_gpus": (0.0, 1024.0),
+}
+
+NAME_RE = _re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+def _value_at(s: Scenario, key: str):
+    node = s
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def validate(s: Scenario, file: str = "<scenario>") -> None:
-    """Range and cross-field checks (types and unknown keys are checked by the schema)."""
-    from fedsec.registry import MODELS, TASKS
+    """Range and cross-field checks, then every component's options against its declaration
+    (types and unknown keys of the scenario itself are checked by the schema)."""
+    from fedsec.registry import MODELS, PARTITIONERS, TASKS, check_options
 
     def err(key: str, msg: str):
         raise ScenarioError(msg, file=file, key=key)
 
+    def rekey(e: ScenarioError, prefix: str):
+        key = f"{prefix}.{e.key}" if e.key and prefix else (e.key or prefix)
+        raise ScenarioError(e.detail, file=file, key=key) from None
+
+    if not NAME_RE.match(s.name) or ".." in s.name:
+        err("name", f"must be a plain name (letters, digits, '_', '-', '.'; at most 100; no '..' or '/'), "
+                    f"got {s.name!r}: it names the results folder")
+    out_dir = Path(s.output.dir)
+    if out_dir.is_absolute() or ".." in out_dir.parts or s.output.dir.startswith("~"):
+        err("output.dir", f"must be a relative folder inside the working directory, got {s.output.dir!r} "
+                          "(use --out to write elsewhere)")
+    for key, (low, high) in RANGES.items():
+        v = _value_at(s, key)
+        if v is None:
+            continue
+        if isinstance(v, float) and not math.isfinite(v):
+            err(key, f"must be a finite number, got {v}")
+        if (low is not None and v < low) or (high is not None and v > high):
+            err(key, f"must be between {low:g} and {high:g}, got {v!r}")
+
     fed = s.federation
-    if s.task.name not in TASKS:
-        err("task.name", f"unknown task '{s.task.name}'{did_you_mean(s.task.name, TASKS.names())}; "
-                         f"available: {', '.join(TASKS.names())}")
-    if s.task.model not in MODELS:
-        err("task.model", f"unknown model '{s.task.model}'{did_you_mean(s.task.model, MODELS.names())}; "
-                          f"available: {', '.join(MODELS.names())}")
+    try:
+        TASKS.get(s.task.name, key="task.name")
+        MODELS.get(s.task.model, key="task.model")
+    except ScenarioError as e:
+        rekey(e, "")
+    spec = _task_spec(s.task.name)
+    for k in s.task.options or {}:
+        if k not in spec.options and k != "max_train_per_hospital":
+            err(f"task.options.{k}", f"not an option of task '{s.task.name}'"
+                                     f"{did_you_mean(k, list(spec.options))}; options: "
+                                     f"{', '.join(sorted(spec.options)) or 'none'}, max_train_per_hospital")
+    try:
+        check_options(MODELS.get(s.task.model), s.task.model_options, "task.model_options",
+                      f"model '{s.task.model}'")
+    except ScenarioError as e:
+        rekey(e, "")
+    if spec.needs_path and not s.task.path:
+        err("task.path", f"task '{s.task.name}' reads your own data: give the path of its file or folder")
     if s.task.path is not None and not Path(os.path.expanduser(s.task.path)).exists():
         err("task.path", f"file or folder not found: {s.task.path}")
-    if fed.rounds <= 0:
-        err("federation.rounds", f"must be > 0, got {fed.rounds}")
     for k in ("fraction_train", "fraction_evaluate"):
         v = getattr(fed, k)
-        if not 0.0 < v <= 1.0:
+        if not (math.isfinite(v) and 0.0 < v <= 1.0):
             err(f"federation.{k}", f"must be in (0, 1], got {v}")
-    if fed.hospitals is not None and fed.hospitals < 1:
-        err("federation.hospitals", f"must be >= 1, got {fed.hospitals}")
-    if not 0.0 <= fed.acquisition_shift <= 1.0:
-        err("federation.acquisition_shift", f"must be in [0, 1], got {fed.acquisition_shift}")
-    if fed.timeout_s <= 0:
-        err("federation.timeout_s", f"must be > 0, got {fed.timeout_s}")
     if "name" not in fed.partition:
-        err("federation.partition.name", "missing: one of natural, iid, dirichlet, quantity")
-    if (fed.partition.get("name") == "natural" and s.task.name in ("pneumonia", "medmnist")):
-        err("federation.partition.name", f"'natural' needs data that names its sites; {s.task.name} does not: "
-                                         "use iid, dirichlet or quantity")
+        err("federation.partition.name", f"missing: one of {', '.join(PARTITIONERS.names())}")
+    part = fed.partition.get("name")
+    try:
+        PARTITIONERS.get(part, key="federation.partition.name")
+        check_options(PARTITIONERS.get(part), {k: v for k, v in fed.partition.items() if k != "name"},
+                      "federation.partition", f"partition '{part}'")
+    except ScenarioError as e:
+        rekey(e, "")
+    if part not in spec.splits:
+        why = ("needs data that names its sites" if part == "natural"
+               else "is not how this data is divided (it has its own hospitals)")
+        err("federation.partition.name", f"'{part}' {why}; task {s.task.name} takes: {', '.join(spec.splits)}")
     loc = fed.local
-    if loc.epochs < 1:
-        err("federation.local.epochs", f"must be >= 1, got {loc.epochs}")
-    if loc.steps is not None and loc.steps < 1:
-        err("federation.local.steps", f"must be >= 1 (or null for full epochs), got {loc.steps}")
-    if loc.batch_size < 1:
-        err("federation.local.batch_size", f"must be >= 1, got {loc.batch_size}")
-    if loc.lr <= 0:
-        err("federation.local.lr", f"must be > 0, got {loc.lr}")
     if loc.optimizer not in ("sgd", "adam"):
         err("federation.local.optimizer", f"must be 'sgd' or 'adam', got '{loc.optimizer}'")
+    known = natural_sites(s.task.name)
     if fed.sites is not None:
-        known = NATURAL_SITES.get(s.task.name)
-        if known:
-            for i, site in enumerate(fed.sites):
-                if site not in known:
-                    err(f"federation.sites[{i}]", f"unknown site '{site}'{did_you_mean(site, known)}; "
-                                                  f"{s.task.name} has {', '.join(known)}")
+        if not fed.sites:
+            err("federation.sites", "is empty: name at least one site, or leave the key out for all sites")
+        seen: set = set()
+        for i, site in enumerate(fed.sites):
+            if site in seen:
+                err(f"federation.sites[{i}]", f"'{site}' is listed twice: each site is one hospital")
+            seen.add(site)
+            if known and site not in known:
+                err(f"federation.sites[{i}]", f"unknown site '{site}'{did_you_mean(site, known)}; "
+                                              f"{s.task.name} has {', '.join(known)}")
         if fed.hospitals is not None and fed.hospitals != len(fed.sites):
             err("federation.hospitals", f"is {fed.hospitals} but federation.sites names {len(fed.sites)}")
+    elif known and part == "natural" and fed.hospitals is not None and fed.hospitals != len(known):
+        err("federation.hospitals", f"is {fed.hospitals}, but {s.task.name}'s natural split has "
+                                    f"{len(known)} hospitals ({', '.join(known)}); leave it out or pick sites")
     if s.engine.name not in ("ray", "deployment"):
         err("engine.name", f"must be 'ray' or 'deployment', got '{s.engine.name}'")
-    if s.engine.num_cpus <= 0:
-        err("engine.num_cpus", f"must be > 0, got {s.engine.num_cpus}")
-    if s.engine.num_gpus < 0:
-        err("engine.num_gpus", f"must be >= 0, got {s.engine.num_gpus}")
 
     n = expected_hospitals(s)
     if n is not None and fed.min_hospitals is not None and not 1 <= fed.min_hospitals <= n:
         err("federation.min_hospitals", f"must be between 1 and the {n} hospitals, got {fed.min_hospitals}")
-    _validate_attacks(s, n, err)
-    if isinstance(s.strategy, dict):
-        f = s.strategy.get("num_malicious")
-        if f is not None and n is not None and int(f) >= n:
-            err("strategy.num_malicious", f"{f} malicious hospitals out of {n}: must be fewer than the hospitals")
+    malicious = _validate_attacks(s, n, err, rekey)
+    _validate_strategy(s, n, malicious, err, rekey)
+    _validate_privacy(s, file)
     _validate_threat_model(s, err)
 
 
-def _validate_attacks(s: Scenario, n: int | None, err) -> None:
+def _validate_attacks(s: Scenario, n: int | None, err, rekey) -> int:
+    """Each attack's entry and options; returns the number of malicious hospitals (f)."""
+    from fedsec.attacks import make_attack
+    from fedsec.registry import ATTACKS
+
+    count_fraction = 0
     for i, a in enumerate(s.attacks):
         key = f"attacks[{i}]"
+        try:
+            cls = ATTACKS.get(a.get("attack"), key=f"{key}.attack")
+        except ScenarioError as e:
+            rekey(e, "")
+        spec = cls.spec()
         hospitals = a.get("hospitals")
         frac = a.get("fraction")
-        if hospitals is None and frac is None and a.get("attack") not in _SERVER_ONLY_ATTACKS:
+        if hospitals is None and frac is None and not spec.server_only:
             err(f"{key}.hospitals", "say which hospitals are malicious: a list of ids, or 'fraction'")
         if hospitals is not None:
-            if not isinstance(hospitals, list) or not all(isinstance(h, int) for h in hospitals):
+            if not isinstance(hospitals, list) or not all(
+                    isinstance(h, int) and not isinstance(h, bool) for h in hospitals):
                 err(f"{key}.hospitals", f"expected a list of hospital ids (integers), got {hospitals!r}")
+            if len(set(hospitals)) != len(hospitals):
+                err(f"{key}.hospitals", f"lists a hospital twice: {hospitals}")
             if n is not None:
                 bad = [h for h in hospitals if not 0 <= h < n]
                 if bad:
@@ -509,31 +813,93 @@ def _validate_attacks(s: Scenario, n: int | None, err) -> None:
                     err(f"{key}.hospitals", f"{len(set(hospitals))} malicious hospitals out of {n}: "
                                             "at least one hospital must be benign")
         if frac is not None:
-            if not isinstance(frac, (int, float)) or not 0 < frac < 1:
+            if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac < 1:
                 err(f"{key}.fraction", f"must be in (0, 1), got {frac!r}")
+            if n is not None:
+                count_fraction = max(count_fraction, max(1, int(math.floor(float(frac) * n))))
         rounds = a.get("rounds")
         if rounds is not None:
             if (not isinstance(rounds, list) or len(rounds) != 2
-                    or not all(isinstance(r, int) for r in rounds)):
+                    or not all(isinstance(r, int) and not isinstance(r, bool) for r in rounds)):
                 err(f"{key}.rounds", f"expected [first, last] round numbers, got {rounds!r}")
             if not 1 <= rounds[0] <= rounds[1] <= s.federation.rounds:
                 err(f"{key}.rounds", f"window {rounds} must satisfy 1 <= first <= last <= "
                                      f"federation.rounds ({s.federation.rounds})")
+        ows = a.get("only_when_selected")
+        if ows is not None and not isinstance(ows, bool):
+            err(f"{key}.only_when_selected", f"expected true or false, got {ows!r}")
+        if spec.simulation_only and s.engine.name == "deployment":
+            err(key, f"attack '{a['attack']}' is an omniscient coalition (server-side collusion): it exists "
+                     "only in simulation; use engine.name=ray")
+        options = {k: v for k, v in a.items() if k not in ATTACK_FRAMEWORK_KEYS}
+        try:
+            attack = make_attack(a["attack"], **options)
+            attack.check(n, sorted(hospitals or []), "")
+        except ScenarioError as e:
+            rekey(e, key)
+        except FedsecError as e:
+            err(key, str(e))
     mal = s.malicious_hospitals()
     if n is not None and mal and len(mal) >= n:
         err("attacks", f"{len(mal)} malicious hospitals out of {n}: at least one must be benign")
+    return max(len(mal), count_fraction)
 
 
-# Attacks that act only on the server (observers): they need no malicious hospital.
-_SERVER_ONLY_ATTACKS = {"dlg", "idlg", "inverting_gradients", "tabular_inversion", "membership_loss",
-                        "membership_calibrated"}
+def _validate_strategy(s: Scenario, n: int | None, malicious: int, err, rekey) -> None:
+    from fedsec.registry import RULES
+    from fedsec.strategies.rules import make_rule
+
+    spec = s.strategy if isinstance(s.strategy, dict) else {"rule": s.strategy}
+    name = spec.get("rule")
+    try:
+        RULES.get(name, key="strategy.rule")
+    except ScenarioError as e:
+        rekey(e, "")
+    options = {k: v for k, v in spec.items() if k not in STRATEGY_FRAMEWORK_KEYS}
+    try:
+        rule = make_rule(name, **options)
+    except ScenarioError as e:
+        rekey(e, "strategy")
+    except FedsecError as e:
+        err("strategy", str(e))
+    f = options.get("num_malicious")
+    f = malicious if f is None else int(f)
+    if n is not None:
+        if f >= n:
+            err("strategy.num_malicious", f"{f} malicious hospitals out of {n}: must be fewer than the hospitals")
+        m = hospitals_per_round(s, n)
+        need = rule.min_updates(f)
+        if m < need:
+            key = "strategy.num_malicious" if options.get("num_malicious") is not None else "strategy"
+            err(key, f"{name} tolerates {type(rule).tolerates}: with f = {f} it needs at least {need} "
+                     f"hospitals per round, the scenario has {m}")
+
+
+def _validate_privacy(s: Scenario, file: str) -> None:
+    """The privacy block's options and combinations (fedsec.privacy.defenses.check_privacy)."""
+    p = s.privacy
+    if not (p.dp_sgd or p.central_dp or p.secure_aggregation or p.compression):
+        return
+    from fedsec.privacy.defenses import check_privacy
+
+    try:
+        check_privacy(s)
+    except ScenarioError as e:
+        raise ScenarioError(e.detail, file=file, key=e.key) from None
+    except FedsecError as e:
+        text = str(e)
+        head, sep, rest = text.partition(": ")
+        if sep and head.startswith("privacy") and " " not in head:
+            raise ScenarioError(rest, file=file, key=head) from None
+        raise ScenarioError(text, file=file, key="privacy") from None
 
 
 def derived_threat_model(s: Scenario) -> dict:
     """The scenario's tags, with the left-out ones derived from the task and the attacks."""
     tags = {k: getattr(s.threat_model, k) for k in TAXONOMY}
     if tags["domain"] is None:
-        tags["domain"] = TASK_DOMAIN.get(s.task.name)
+        spec = _task_spec(s.task.name)
+        tags["domain"] = spec.domain if spec is not None else None
     for k in ("adversary", "knowledge", "phase", "goal"):
         if tags[k] is None and s.attacks:
             values = {str((a.get("threat") or {}).get(k)) for a in s.attacks if (a.get("threat") or {}).get(k)}

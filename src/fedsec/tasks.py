@@ -44,30 +44,58 @@ class Task:
         return torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)
 
 
-_ALLOWED_OPTIONS = {
-    "heart_disease": {"normalize", "test_fraction"},
-    "ehr_csv": {"hospital_column", "label_column", "feature_columns", "missing", "positive_labels",
-                "normalize", "test_fraction"},
-    "pneumonia": {"root_fraction", "image_size", "merge_val"},
-    "medmnist": {"root_fraction", "image_size", "merge_val"},
-    "mednist": {"root_fraction", "image_size", "test_fraction", "val_fraction", "sites", "merge_val"},
-}
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a task is, declared where its builder is registered.
+
+    domain: the taxonomy's data domain (docs/threat-model.md).
+    sites: the natural hospitals of a dataset that names them (natural split), else None.
+    splits: the partitions it accepts (``natural`` only when the data names its sites).
+    options: its ``task.options`` keys -> one-line doc.
+    needs_path: it reads a user's own file or folder (``task.path``).
+    """
+
+    name: str
+    domain: str
+    splits: tuple[str, ...]
+    options: dict
+    sites: tuple[str, ...] | None = None
+    needs_path: bool = False
 
 
 # Options every task takes, applied after the data is built.
-_GENERIC_OPTIONS = {"max_train_per_hospital"}
+_GENERIC_OPTIONS = {"max_train_per_hospital": "cap on each hospital's training records (e.g. 1 for inversion)"}
+
+
+def task(name: str, **spec):
+    """Register a task builder under ``name`` with its :class:`TaskSpec`."""
+
+    def add(fn):
+        fn.spec = TaskSpec(name=name, **spec)
+        return TASKS.register(name, fn)
+
+    return add
+
+
+_IMAGING_OPTIONS = {"root_fraction": "share of the training data the server keeps as a clean root set",
+                    "image_size": "resize images to this side (pixels)",
+                    "merge_val": "add the official validation split to training"}
+_EHR_OPTIONS = {"normalize": "standardise features (statistics of the training split)",
+                "test_fraction": "share of each hospital's records held out for testing"}
 
 
 def _options(scenario) -> dict:
     opts = {k: v for k, v in (scenario.task.options or {}).items() if k not in _GENERIC_OPTIONS}
-    allowed = _ALLOWED_OPTIONS.get(scenario.task.name, set())
+    allowed = TASKS.get(scenario.task.name).spec.options
     for k in opts:
         if k not in allowed:
             raise FedsecError(f"task.options.{k}: not an option of task '{scenario.task.name}'; "
-                              f"options are {', '.join(sorted(allowed | _GENERIC_OPTIONS))}")
+                              f"options are {', '.join(sorted(set(allowed) | set(_GENERIC_OPTIONS)))}")
     return opts
 
 
+@task("heart_disease", domain="ehr_prediction", splits=("natural",), options=_EHR_OPTIONS,
+      sites=("cleveland", "hungary", "switzerland", "va"))
 def build_heart_disease(scenario) -> FederatedDataset:
     from fedsec.data.heart import load_heart_disease
 
@@ -79,6 +107,10 @@ def build_heart_disease(scenario) -> FederatedDataset:
     return load_heart_disease(sites=scenario.federation.sites, data_dir=scenario.task.path, **opts)
 
 
+@task("ehr_csv", domain="ehr_prediction", splits=("natural",), needs_path=True, options={
+    **_EHR_OPTIONS, "hospital_column": "the column naming each record's hospital",
+    "label_column": "the outcome column", "feature_columns": "the feature columns (default: all others)",
+    "missing": "how missing values are written", "positive_labels": "values of the label counted positive"})
 def build_ehr_csv(scenario) -> FederatedDataset:
     from fedsec.data.tabular import federate_table, read_ehr_csv
 
@@ -108,16 +140,24 @@ def _imaging(scenario, source: str) -> FederatedDataset:
     )
 
 
+@task("pneumonia", domain="image_classification", splits=("iid", "dirichlet", "quantity"),
+      options=_IMAGING_OPTIONS)
 def build_pneumonia(scenario) -> FederatedDataset:
     return _imaging(scenario, "pneumonia")
 
 
+@task("medmnist", domain="image_classification", splits=("iid", "dirichlet", "quantity"),
+      options=_IMAGING_OPTIONS, needs_path=True)
 def build_medmnist(scenario) -> FederatedDataset:
     if not scenario.task.path:
         raise FedsecError("task.path: the medmnist task needs the path of a MedMNIST .npz file")
     return _imaging(scenario, "medmnist")
 
 
+@task("mednist", domain="image_classification", splits=("natural", "iid", "dirichlet", "quantity"),
+      needs_path=True, options={**_IMAGING_OPTIONS, "test_fraction": "share held out for testing",
+                                "val_fraction": "share held out for validation",
+                                "sites": "sub-folders that are sites (natural split)"})
 def build_mednist(scenario) -> FederatedDataset:
     if not scenario.task.path:
         raise FedsecError("task.path: the mednist task needs a folder with one sub-folder per class")

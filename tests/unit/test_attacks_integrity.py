@@ -51,9 +51,9 @@ def test_unknown_attack_name_suggests_the_closest():
 
 
 def test_unknown_option_names_it_and_the_valid_ones():
-    with pytest.raises(FedsecError, match=r"attack 'alie': unknown option 'zz'.*valid options: z\)"):
+    with pytest.raises(FedsecError, match=r"attack 'alie' has no option 'zz'.*options: z$"):
         make_attack("alie", zz=1.0)
-    with pytest.raises(FedsecError, match=r"unknown option 'poison_fracton'.*did you mean 'poison_fraction'"):
+    with pytest.raises(FedsecError, match=r"no option 'poison_fracton'.*did you mean 'poison_fraction'"):
         make_attack("badnets", poison_fracton=0.3)
 
 

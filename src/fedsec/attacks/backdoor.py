@@ -17,6 +17,11 @@ Every backdoor also has ``boost`` (model-replacement scaling of its update in
 
 from __future__ import annotations
 
+from dataclasses import dataclass as _dataclass
+from typing import Any, List, Literal, Optional, Union
+
+from fedsec.registry import ATTACKS, option
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,7 +121,15 @@ class Backdoor(Attack):
 
     goal = "integrity"
     kind = "backdoor"
-    common = {"target": 0, "poison_fraction": 0.5, "boost": 1.0, "norm_bound": None}
+    success_metric = "asr"
+    success_wording = "share of triggered test inputs classified as the target"
+
+    @_dataclass
+    class Options:
+        target: int = option(0, "the class triggered inputs should be given", min=0)
+        poison_fraction: float = option(0.5, "share of the hospital's training rows poisoned", min=0.0, max=1.0)
+        boost: Union[float, Literal["auto"], None] = option(1.0, "update boost; auto = hospitals / malicious")
+        norm_bound: Optional[float] = option(None, "L2 bound of the boosted update (null: none)", gt=0.0)
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -176,13 +189,20 @@ class Backdoor(Attack):
         return {"asr": float(hits.float().mean())}
 
 
+@ATTACKS.register()
 class BadNets(Backdoor):
     """A ``size`` x ``size`` patch at ``position`` (corner name or [row, col]) in every channel.
     pattern ``solid``: every patch pixel = ``value``; ``checkerboard``: ``value`` where
     ``row + col`` is even inside the patch, 0 elsewhere in it. Images only ``[N, C, H, W]``."""
 
     name = "badnets"
-    defaults = {**Backdoor.common, "size": 3, "position": "bottom_right", "value": 1.0, "pattern": "solid"}
+
+    @_dataclass
+    class Options(Backdoor.Options):
+        size: int = option(3, "patch side in pixels", min=1)
+        position: Union[str, List[int]] = option("bottom_right", "corner name or [row, col]")
+        value: float = option(1.0, "pixel intensity of the patch", min=0.0, max=1.0)
+        pattern: str = option("solid", "patch pattern")
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -283,13 +303,18 @@ class _FeatureTrigger(Backdoor):
         raise self.option_error(option, f"must be a number or a list of {count} numbers (one per feature)")
 
 
+@ATTACKS.register()
 class EHRTrigger(_FeatureTrigger):
     """Set ``features`` (indices or names) to ``values`` (one number for all, or one per
     feature), in standardised units: 3.0 is three standard deviations above the mean, a rare
     but plausible-looking combination when several features move together."""
 
     name = "ehr_trigger"
-    defaults = {**Backdoor.common, "features": [0, 1], "values": 3.0}
+
+    @_dataclass
+    class Options(Backdoor.Options):
+        features: List[Union[int, str]] = option([0, 1], "column indices or feature names set by the trigger")
+        values: Union[float, List[float]] = option(3.0, "value(s) the trigger writes (standardised units)")
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -301,6 +326,7 @@ class EHRTrigger(_FeatureTrigger):
         return self._feature_trigger(F, self.feature_indices(F, ctx), self.values)
 
 
+@ATTACKS.register()
 class MissingValueTrigger(_FeatureTrigger):
     """Joe et al. 2021 ("Machine learning with electronic health records is vulnerable to
     backdoor trigger attacks"): the trigger is a *missingness pattern*: ``features`` get the
@@ -309,7 +335,11 @@ class MissingValueTrigger(_FeatureTrigger):
     standardisation puts a missing entry at exactly 0)."""
 
     name = "ehr_missing_trigger"
-    defaults = {**Backdoor.common, "features": [0, 1], "missing_value": None}
+
+    @_dataclass
+    class Options(Backdoor.Options):
+        features: List[Union[int, str]] = option([0, 1], "column indices or feature names made missing")
+        missing_value: Optional[float] = option(None, "the value imputation gives a missing entry (null: the task's)")
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -333,6 +363,7 @@ class MissingValueTrigger(_FeatureTrigger):
         return self._feature_trigger(F, idx, [self.fill_value(ctx)] * len(idx))
 
 
+@ATTACKS.register()
 class DBA(_FeatureTrigger):
     """Distributed backdoor attack (Xie et al. 2020).
 
@@ -345,8 +376,17 @@ class DBA(_FeatureTrigger):
     """
 
     name = "dba"
-    defaults = {**Backdoor.common, "parts": 4, "bar_length": 4, "bar_height": 1, "gap": 1,
-                "position": "top_left", "value": 1.0, "features": None, "values": 3.0}
+
+    @_dataclass
+    class Options(Backdoor.Options):
+        parts: int = option(4, "number of trigger pieces, one per malicious hospital in turn", min=1)
+        bar_length: int = option(4, "image trigger: bar length in pixels", min=1)
+        bar_height: int = option(1, "image trigger: bar height in pixels", min=1)
+        gap: int = option(1, "image trigger: pixels between bars", min=0)
+        position: Union[str, List[int]] = option("top_left", "corner name or [row, col]")
+        value: float = option(1.0, "pixel intensity", min=0.0, max=1.0)
+        features: Optional[List[Union[int, str]]] = option(None, "tabular trigger: columns split among the parts")
+        values: Union[float, List[float]] = option(3.0, "tabular trigger value(s)")
 
     def __init__(self, **options):
         super().__init__(**options)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fedsec.data.base import Split
-from fedsec.errors import FedsecError
+from fedsec.errors import FedsecError, ScenarioError
 
 
 @dataclass
@@ -46,18 +46,42 @@ def plain(value):
 
 
 def resolve_options(owner: str, defaults: dict, given: dict) -> dict:
-    """``defaults`` updated with ``given``; an unknown option is a FedsecError that names it,
-    the valid options and the closest match."""
+    """``defaults`` updated with ``given``; an unknown option is a ScenarioError that names
+    it (as its key), the valid options and the closest match."""
+    from fedsec.registry import did_you_mean
+
     unknown = [k for k in given if k not in defaults]
     if unknown:
         key = unknown[0]
         valid = ", ".join(sorted(defaults)) or "(none)"
-        close = difflib.get_close_matches(str(key), list(defaults), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise FedsecError(f"attack '{owner}': unknown option '{key}' (valid options: {valid}){hint}")
+        raise ScenarioError(f"attack '{owner}' has no option '{key}'{did_you_mean(key, defaults)}; "
+                            f"options: {valid}", key=str(key))
     options = copy.deepcopy(defaults)
     options.update({k: plain(v) for k, v in given.items()})
     return options
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """What the rest of fedsec needs to know about an attack, read from its class.
+
+    hooks: the hooks it implements (poison_data, poison_update, collude, observe, evaluate).
+    server_only: it needs no malicious hospital (a curious server's observer).
+    simulation_only: it exists only in simulation (an omniscient coalition).
+    success_metric: the metric that says how well it worked, and how to read it.
+    """
+
+    name: str
+    goal: str
+    kind: str
+    hooks: tuple[str, ...]
+    server_only: bool
+    simulation_only: bool
+    success_metric: str | None
+    success_wording: str | None
+
+
+HOOKS = ("poison_data", "poison_update", "collude", "observe", "evaluate")
 
 
 class Attack:
@@ -71,16 +95,64 @@ class Attack:
     goal: str = "integrity"
     kind: str = "model_poisoning"
     simulation_only: bool = False  # True for omniscient coalitions (collude hook)
-    # option name -> default: exactly the keys an ``attacks/<preset>.yaml`` may set
-    defaults: ClassVar[dict] = {}
+    server_only: bool = False  # True for observers that need no malicious hospital
+    # the metric that measures success (recorded under ``attack`` in rounds.jsonl) and its reading
+    success_metric: ClassVar[str | None] = None
+    success_wording: ClassVar[str | None] = None
+
+    @dataclass
+    class Options:
+        """The attack's options: exactly the keys an ``attacks/<preset>.yaml`` may set.
+        Subclasses declare their own (fields typed, with ``fedsec.registry.option``)."""
+
+    @classmethod
+    def option_defaults(cls) -> dict:
+        """option name -> default, from the ``Options`` declaration."""
+        from fedsec.registry import options_of
+
+        return {o.name: o.default for o in options_of(cls) or []}
+
+    @classmethod
+    def spec(cls) -> AttackSpec:
+        """The attack's capabilities, read from its class."""
+        return AttackSpec(
+            name=getattr(cls, "registry_name", cls.name), goal=cls.goal, kind=cls.kind,
+            hooks=tuple(h for h in HOOKS if getattr(cls, h) is not getattr(Attack, h)),
+            server_only=cls.server_only, simulation_only=cls.simulation_only,
+            success_metric=cls.success_metric, success_wording=cls.success_wording)
+
+    def check(self, num_hospitals: int | None, malicious: list[int], key: str = "") -> None:
+        """Checks of the options against the scenario (the number of hospitals, who is
+        malicious), run at load time; raise ScenarioError naming the option."""
+
+    @staticmethod
+    def check_hospital_ids(option: str, value, num_hospitals: int | None) -> None:
+        """``value`` (an id, a list of ids, "all" or None) names hospitals that exist."""
+        if num_hospitals is None or value in (None, "all"):
+            return
+        ids = value if isinstance(value, (list, tuple)) else [value]
+        bad = [h for h in ids if not (isinstance(h, int) and 0 <= h < num_hospitals)]
+        if bad:
+            raise ScenarioError(f"hospital ids {bad} out of range: there are {num_hospitals} hospitals "
+                                f"(0..{num_hospitals - 1})", key=option)
+
+    @staticmethod
+    def check_round_ids(option: str, value, num_rounds: int | None) -> None:
+        if num_rounds is None or value in (None, "all"):
+            return
+        ids = value if isinstance(value, (list, tuple)) else [value]
+        bad = [r for r in ids if not (isinstance(r, int) and 1 <= r <= num_rounds)]
+        if bad:
+            raise ScenarioError(f"rounds {bad} out of range: the run has rounds 1..{num_rounds}", key=option)
 
     def __init__(self, **options):
-        """Options are exactly the YAML preset's keys; unknown ones raise FedsecError."""
-        self.options = resolve_options(self.name, self.defaults, options)
+        """Options are exactly the YAML preset's keys; unknown ones raise ScenarioError."""
+        self.options = resolve_options(self.name, self.option_defaults(), options)
 
     def option_error(self, option: str, message: str) -> FedsecError:
-        """A FedsecError that names this attack and the offending option."""
-        return FedsecError(f"attack '{self.name}': option '{option}' {message} (got {self.options.get(option)!r})")
+        """A ScenarioError that names this attack and the offending option (as its key)."""
+        return ScenarioError(f"attack '{self.name}': option '{option}' {message} "
+                             f"(got {self.options.get(option)!r})", key=option)
 
     # --- ClientApp side -------------------------------------------------------------------
     def poison_data(self, data: Split, rng: np.random.Generator, ctx: AttackContext) -> Split:

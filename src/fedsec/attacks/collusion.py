@@ -17,6 +17,11 @@ parameters costs no float64 copy of the update matrix.
 
 from __future__ import annotations
 
+from dataclasses import dataclass as _dataclass
+from typing import Any, List, Literal, Optional, Union
+
+from fedsec.registry import ATTACKS, option
+
 import math
 from statistics import NormalDist
 
@@ -88,6 +93,7 @@ class Coalition(Attack):
         raise NotImplementedError
 
 
+@ATTACKS.register()
 class ALIE(Coalition):
     """Send ``mean - z * std`` (per coordinate, over the benign updates). ``z``: null = the
     paper's ``z_max``: with n hospitals in the round and f malicious,
@@ -95,7 +101,10 @@ class ALIE(Coalition):
     the probability is kept inside (0, 1) when f is so large that s <= 0."""
 
     name = "alie"
-    defaults = {"z": None}
+
+    @_dataclass
+    class Options:
+        z: Optional[float] = option(None, "deviation in std units; null = the paper's z_max")
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -114,12 +123,16 @@ class ALIE(Coalition):
         return benign.mean(dim=0) - z * _std(benign)
 
 
+@ATTACKS.register()
 class IPM(Coalition):
     """Inner-product manipulation: send ``-eps * mean(benign)``; a small eps (0.1) defeats
     median and Krum, a large one (e.g. 10) plain averaging."""
 
     name = "ipm"
-    defaults = {"eps": 0.1}
+
+    @_dataclass
+    class Options:
+        eps: float = option(0.1, "the coalition sends -eps times the benign mean", gt=0.0)
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -135,7 +148,12 @@ class _MinMaxBase(Coalition):
     ``sign`` = -sign(mean). gamma: bracket grown from ``gamma_init`` by doubling, then
     bisection to ``tolerance`` (absolute); the feasible end is kept. ``last_gamma`` holds it."""
 
-    defaults = {"perturbation": "std", "gamma_init": 10.0, "tolerance": 1e-5}
+
+    @_dataclass
+    class Options:
+        perturbation: str = option("std", "direction of the perturbation", choices=("unit_vec", "std", "sign"))
+        gamma_init: float = option(10.0, "initial scale of the search", gt=0.0)
+        tolerance: float = option(1e-5, "stop the scale search at this step", gt=0.0)
     perturbations = ("unit_vec", "std", "sign")
 
     def __init__(self, **options):
@@ -190,6 +208,7 @@ class _MinMaxBase(Coalition):
         return mean + gamma * p
 
 
+@ATTACKS.register()
 class MinMax(_MinMaxBase):
     """Min-max: the malicious update's largest distance to a benign update is at most the
     largest distance between two benign updates."""
@@ -200,6 +219,7 @@ class MinMax(_MinMaxBase):
         return bool(sq_to_benign.max() <= pair_sq.max())
 
 
+@ATTACKS.register()
 class MinSum(_MinMaxBase):
     """Min-sum: the malicious update's sum of squared distances to the benign updates is at
     most the largest such sum of a benign update."""
@@ -230,6 +250,7 @@ class _Fang(Coalition):
         return torch.as_tensor(own).to(benign.device, benign.dtype)
 
 
+@ATTACKS.register()
 class FangKrum(_Fang):
     """Fang et al. 2020 against Krum: every malicious hospital sends ``-lambda * s`` with
     ``s = sign(mean of the reference updates)`` (the direction the model would move). lambda
@@ -244,7 +265,13 @@ class FangKrum(_Fang):
     ``last_lambda`` / ``last_selected`` record the outcome."""
 
     name = "fang_krum"
-    defaults = {"knowledge": "full", "lambda_threshold": 1e-5, "num_byzantine": None}
+
+    @_dataclass
+    class Options:
+        knowledge: str = option("full", "full: the benign updates; partial: the coalition's own",
+                                choices=("full", "partial"))
+        lambda_threshold: float = option(1e-5, "smallest lambda tried before giving up", gt=0.0)
+        num_byzantine: Optional[int] = option(None, "f Krum assumes; null = the malicious hospitals", min=0)
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -291,6 +318,8 @@ class FangKrum(_Fang):
         return -lam * s
 
 
+@ATTACKS.register()
+@ATTACKS.register("fang_trimmed_mean")  # the same attack (Fang et al. 2020)
 class FangMedian(_Fang):
     """Fang et al. 2020 against coordinate-wise median and trimmed mean. With ``s_j`` the sign
     of the mean reference update (the direction coordinate j would move):
@@ -305,7 +334,12 @@ class FangMedian(_Fang):
     Each malicious hospital draws its own values from ``ctx.generator``."""
 
     name = "fang_median"
-    defaults = {"knowledge": "full", "b": 2.0}
+
+    @_dataclass
+    class Options:
+        knowledge: str = option("full", "full: the benign updates; partial: the coalition's own",
+                                choices=("full", "partial"))
+        b: float = option(2.0, "how far beyond the benign extremes to go (> 1)", gt=1.0)
 
     def __init__(self, **options):
         super().__init__(**options)

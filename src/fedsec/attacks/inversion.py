@@ -33,6 +33,11 @@ matching); no attack reads it before its reconstruction is final.
 
 from __future__ import annotations
 
+from dataclasses import dataclass as _dataclass
+from typing import Any, List, Literal, Optional, Union
+
+from fedsec.registry import ATTACKS, option
+
 import copy
 import math
 import time
@@ -763,6 +768,26 @@ class GradientInversionAttack(Attack):
 
     goal = "confidentiality"
     kind = "inversion"
+    server_only = True
+    success_metric = "psnr"
+    success_wording = "PSNR (dB) of the reconstruction against the hospital's true batch"
+
+    @_dataclass
+    class Options:
+        target_hospital: Union[int, List[int], Literal["all"], None] = option(
+            0, "hospital id(s) whose update is inverted; all = every participant")
+        target_round: Union[int, List[int], Literal["all"], None] = option(1, "round(s) the attack runs in")
+        max_images: int = option(8, "cap on the reconstructed batch", min=1)
+        local_lr: Optional[float] = option(None, "the hospital's local lr the attacker assumes; null = the scenario's", gt=0.0)
+        local_epochs: Optional[int] = option(None, "local epochs assumed; null = the scenario's", min=1)
+        local_batch_size: Optional[int] = option(None, "local batch size assumed; null = the scenario's", min=1)
+        num_samples: Optional[int] = option(None, "samples behind the update; null = from the reply", min=1)
+        device: str = option("cpu", "torch device of the optimisation")
+        seed: int = option(0, "seed of the dummy data", min=0)
+        save_grid: bool = option(True, "write reconstruction grids to figures/")
+        on_secure_aggregation: str = option("aggregate", "under SecAgg: invert the aggregate, or skip",
+                                            choices=("aggregate", "skip"))
+        model_mode: str = option("eval", "model mode during inversion", choices=("eval", "train"))
 
     def __init__(self, target_hospital=0, target_round=1, max_images: int = 8, local_lr: float | None = None,
                  local_epochs: int | None = None, local_batch_size: int | None = None,
@@ -776,6 +801,9 @@ class GradientInversionAttack(Attack):
         self.device, self.seed, self.save_grid = device, seed, save_grid
         self.on_secure_aggregation, self.model_mode = on_secure_aggregation, model_mode
         self.artifacts: list[Path] = []
+
+    def check(self, num_hospitals, malicious, key=""):
+        self.check_hospital_ids("target_hospital", self.target_hospital, num_hospitals)
 
     # the method itself --------------------------------------------------------------------
     def reconstruct(self, model, global_params, update, input_shape, num_images, local, seed) -> InversionResult:
@@ -865,11 +893,21 @@ class GradientInversionAttack(Attack):
         return out
 
 
+@ATTACKS.register()
 class DLGAttack(GradientInversionAttack):
     """:func:`dlg` as an observer. Options: the common ones + iterations, lr, inner_iterations,
     line_search, init, boxed."""
 
     name = "dlg"
+
+    @_dataclass
+    class Options(GradientInversionAttack.Options):
+        iterations: int = option(300, "L-BFGS iterations", min=1)
+        lr: float = option(1.0, "optimiser learning rate", gt=0.0)
+        inner_iterations: int = option(20, "L-BFGS inner iterations", min=1)
+        line_search: Optional[str] = option(None, "L-BFGS line search (null or strong_wolfe)")
+        init: str = option("rand", "dummy-data initialisation")
+        boxed: bool = option(False, "clamp the dummy data to the valid range")
 
     def __init__(self, iterations: int = 300, lr: float = 1.0, inner_iterations: int = 20,
                  line_search: str | None = None, init: str = "rand", boxed: bool = False, **common):
@@ -882,10 +920,15 @@ class DLGAttack(GradientInversionAttack):
                    device=self.device, model_mode=self.model_mode, **self.method_options)
 
 
+@ATTACKS.register()
 class IDLGAttack(DLGAttack):
     """:func:`idlg` as an observer (options as DLG)."""
 
     name = "idlg"
+
+    @_dataclass
+    class Options(DLGAttack.Options):
+        max_images: int = option(1, "cap on the reconstructed batch (iDLG recovers one label)", min=1)
 
     def __init__(self, max_images: int = 1, **options):
         super().__init__(max_images=max_images, **options)
@@ -895,11 +938,24 @@ class IDLGAttack(DLGAttack):
                     device=self.device, model_mode=self.model_mode, **self.method_options)
 
 
+@ATTACKS.register()
 class InvertingGradientsAttack(GradientInversionAttack):
     """:func:`inverting_gradients` as an observer. Options: the common ones + iterations, lr,
     tv_weight, restarts, signed, boxed, schedule, init, labels (``"infer"`` / ``"optimize"``)."""
 
     name = "inverting_gradients"
+
+    @_dataclass
+    class Options(GradientInversionAttack.Options):
+        iterations: int = option(2000, "Adam iterations", min=1)
+        lr: float = option(0.1, "Adam learning rate", gt=0.0)
+        tv_weight: float = option(1e-2, "total-variation prior weight", min=0.0)
+        restarts: int = option(1, "independent restarts, best kept", min=1)
+        signed: bool = option(True, "signed gradients (Geiping et al.)")
+        boxed: bool = option(True, "clamp the dummy data to the valid range")
+        schedule: bool = option(True, "step learning-rate schedule")
+        init: str = option("rand", "dummy-data initialisation")
+        labels: str = option("infer", "infer labels from the update, or optimise them", choices=("infer", "optimize"))
 
     def __init__(self, iterations: int = 2000, lr: float = 0.1, tv_weight: float = 1e-2, restarts: int = 1,
                  signed: bool = True, boxed: bool = True, schedule: bool = True, init: str = "rand",
@@ -913,11 +969,24 @@ class InvertingGradientsAttack(GradientInversionAttack):
                                    device=self.device, model_mode=self.model_mode, **self.method_options)
 
 
+@ATTACKS.register()
 class TabularInversionAttack(GradientInversionAttack):
     """:func:`tabular_inversion` as an observer. Options: the common ones + method, iterations,
     lr, restarts, objective, tol (standardised units for ``records_recovered``)."""
 
     name = "tabular_inversion"
+    success_metric = "records_recovered"
+    success_wording = "records whose features are recovered within tol (standardised units)"
+
+    @_dataclass
+    class Options(GradientInversionAttack.Options):
+        save_grid: bool = option(False, "(images only)")
+        method: str = option("auto", "closed form when possible, else optimisation")
+        iterations: int = option(500, "optimisation iterations", min=1)
+        lr: float = option(0.05, "optimiser learning rate", gt=0.0)
+        restarts: int = option(1, "independent restarts, best kept", min=1)
+        objective: str = option("cosine", "gradient-matching objective")
+        tol: float = option(0.1, "a feature is recovered within this error", gt=0.0)
 
     def __init__(self, method: str = "auto", iterations: int = 500, lr: float = 0.05, restarts: int = 1,
                  objective: str = "cosine", tol: float = 0.1, **common):

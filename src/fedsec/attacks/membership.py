@@ -25,6 +25,11 @@ the same population) — that half is then left out of the evaluation.
 
 from __future__ import annotations
 
+from dataclasses import dataclass as _dataclass
+from typing import Any, List, Literal, Optional, Union
+
+from fedsec.registry import ATTACKS, option
+
 import copy
 
 import numpy as np
@@ -146,6 +151,7 @@ def _summarise(per_hospital: dict[int, tuple[float, float]]) -> dict:
     return out
 
 
+@ATTACKS.register()
 class LossThresholdMIA(Attack):
     """Loss-threshold / confidence membership inference per hospital (evaluate hook).
 
@@ -158,6 +164,18 @@ class LossThresholdMIA(Attack):
     name = "membership_loss"
     goal = "confidentiality"
     kind = "membership"
+    server_only = True
+    success_metric = "auroc_mean"
+    success_wording = "membership AUROC (0.5 = no better than chance)"
+
+    @_dataclass
+    class Options:
+        score: str = option("loss", "per-record score", choices=("loss", "confidence", "entropy"))
+        target_hospital: Union[int, List[int], Literal["all"], None] = option("all", "hospital id(s) attacked")
+        target_round: Union[int, List[int], Literal["all"], None] = option("all", "round(s) evaluated")
+        max_records: Optional[int] = option(2000, "records per side (subsampled)", min=1)
+        batch_size: int = option(256, "scoring batch size", min=1)
+        device: str = option("cpu", "torch device")
 
     def __init__(self, score: str = "loss", target_hospital="all", target_round="all", max_records: int | None = 2000,
                  batch_size: int = 256, device: str = "cpu"):
@@ -165,6 +183,9 @@ class LossThresholdMIA(Attack):
             raise ValueError(f"score must be 'loss', 'confidence' or 'entropy', got {score!r}")
         self.score, self.target_hospital, self.target_round = score, target_hospital, target_round
         self.max_records, self.batch_size, self.device = max_records, int(batch_size), device
+
+    def check(self, num_hospitals, malicious, key=""):
+        self.check_hospital_ids("target_hospital", self.target_hospital, num_hospitals)
 
     def _active(self, ctx: AttackContext) -> bool:
         r = self.target_round
@@ -220,6 +241,7 @@ def train_reference(model: torch.nn.Module, data: Split, epochs: int = 10, lr: f
     return ref.eval()
 
 
+@ATTACKS.register()
 class CalibratedLossMIA(LossThresholdMIA):
     """Difficulty-calibrated loss attack (Watson et al. 2022): score =
     ``loss_ref(x) - loss_target(x)``.
@@ -233,6 +255,12 @@ class CalibratedLossMIA(LossThresholdMIA):
     """
 
     name = "membership_calibrated"
+
+    @_dataclass
+    class Options(LossThresholdMIA.Options):
+        ref_epochs: int = option(10, "epochs of the reference model", min=1)
+        ref_lr: float = option(0.01, "reference model's learning rate", gt=0.0)
+        ref_batch_size: int = option(32, "reference model's batch size", min=1)
 
     def __init__(self, ref_epochs: int = 10, ref_lr: float = 0.01, ref_batch_size: int = 32, **options):
         options.setdefault("score", "loss")

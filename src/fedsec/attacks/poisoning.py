@@ -8,6 +8,11 @@ vectors; an *update* is ``local - global``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass as _dataclass
+from typing import Any, List, Literal, Optional, Union
+
+from fedsec.registry import ATTACKS, option
+
 import numpy as np
 import torch
 
@@ -95,6 +100,7 @@ def scaled_params(global_params: torch.Tensor, local_params: torch.Tensor, gamma
 
 
 # --- data poisoning -----------------------------------------------------------------------------
+@ATTACKS.register()
 class LabelFlip(Attack):
     """Flip the labels of a random ``poison_fraction`` of the hospital's training rows.
 
@@ -109,8 +115,17 @@ class LabelFlip(Attack):
     name = "label_flip"
     goal = "integrity"
     kind = "data_poisoning"
-    defaults = {"mode": "all_to_one", "target": 0, "mapping": None, "shift": 1, "poison_fraction": 1.0,
-                "num_classes": None}
+    success_metric = "accuracy"
+    success_wording = "the main task's accuracy / balanced accuracy falls"
+
+    @_dataclass
+    class Options:
+        mode: str = option("all_to_one", "how labels are flipped", choices=("all_to_one", "pairwise", "shift"))
+        target: int = option(0, "all_to_one: the label every poisoned row gets", min=0)
+        mapping: Optional[dict] = option(None, "pairwise: {source: destination} labels (null: swap 0<->1, 2<->3...)")
+        shift: int = option(1, "shift: y -> (y + shift) mod num_classes")
+        poison_fraction: float = option(1.0, "share of the hospital's training rows poisoned", min=0.0, max=1.0)
+        num_classes: Optional[int] = option(None, "null = the task's number of classes", min=2)
     modes = ("all_to_one", "pairwise", "shift")
 
     def __init__(self, **options):
@@ -184,6 +199,7 @@ class LabelFlip(Attack):
 
 
 # --- model poisoning ----------------------------------------------------------------------------
+@ATTACKS.register()
 class Scaling(Attack):
     """Model replacement (Bagdasaryan et al. 2020): send ``global + gamma * (local - global)``.
 
@@ -196,7 +212,10 @@ class Scaling(Attack):
     name = "scaling"
     goal = "integrity"
     kind = "model_poisoning"
-    defaults = {"gamma": "auto"}
+
+    @_dataclass
+    class Options:
+        gamma: Union[float, Literal["auto"], None] = option("auto", "boost factor; auto = hospitals / malicious")
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -206,13 +225,17 @@ class Scaling(Attack):
         return scaled_params(global_params, local_params, parse_factor(self, "gamma", ctx))
 
 
+@ATTACKS.register()
 class SignFlip(Attack):
     """Send the reversed update ``global - scale * (local - global)`` (untargeted)."""
 
     name = "sign_flip"
     goal = "availability"
     kind = "model_poisoning"
-    defaults = {"scale": 1.0}
+
+    @_dataclass
+    class Options:
+        scale: float = option(1.0, "the reversed update is multiplied by this")
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -224,6 +247,7 @@ class SignFlip(Attack):
         return scaled_params(global_params, local_params, -float(self.options["scale"]))
 
 
+@ATTACKS.register()
 class GaussianNoise(Attack):
     """Gaussian (Byzantine) update.
 
@@ -236,7 +260,12 @@ class GaussianNoise(Attack):
     name = "gaussian"
     goal = "availability"
     kind = "model_poisoning"
-    defaults = {"sigma": 1.0, "mode": "replace"}
+
+    @_dataclass
+    class Options:
+        sigma: float = option(1.0, "standard deviation of the noise", gt=0.0)
+        mode: str = option("replace", "replace: the update is noise; add: honest update + noise",
+                           choices=("replace", "add"))
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -252,6 +281,7 @@ class GaussianNoise(Attack):
         return base + noise
 
 
+@ATTACKS.register()
 class ConstrainAndScale(Attack):
     """Scale the update by gamma, then project it onto the L2 ball of radius ``norm_bound``
     so that it passes a norm-bounding / clipping defense (Bagdasaryan et al. 2020's
@@ -262,7 +292,11 @@ class ConstrainAndScale(Attack):
     name = "constrain_and_scale"
     goal = "integrity"
     kind = "model_poisoning"
-    defaults = {"gamma": "auto", "norm_bound": 1.0}
+
+    @_dataclass
+    class Options:
+        gamma: Union[float, Literal["auto"], None] = option("auto", "boost factor; auto = hospitals / malicious")
+        norm_bound: float = option(1.0, "L2 bound the scaled update is projected onto", gt=0.0)
 
     def __init__(self, **options):
         super().__init__(**options)

@@ -26,6 +26,7 @@ import inspect
 import numpy as np
 
 from fedsec.errors import FedsecError
+from fedsec.registry import PARTITIONERS, check_options
 
 # Tags separate the random streams so that, for one seed, drawing the table and dealing
 # the train / test samples never reuse the same numbers.
@@ -206,6 +207,7 @@ def _check_alpha(alpha) -> float:
     return float(alpha)
 
 
+@PARTITIONERS.register("iid")
 class IidPartitioner(Partitioner):
     """``iid``: every hospital gets an equal share of every class (sizes differ by at most
     about one sample per class) — the no-heterogeneity baseline."""
@@ -216,6 +218,7 @@ class IidPartitioner(Partitioner):
         return np.tile(train_cols / n, (n, 1))
 
 
+@PARTITIONERS.register("dirichlet")
 class DirichletPartitioner(Partitioner):
     """``dirichlet``: label skew at equal hospital sizes.
 
@@ -245,6 +248,7 @@ class DirichletPartitioner(Partitioner):
         return f"federation.partition.alpha={self.alpha:g}", "raise alpha or lower federation.hospitals"
 
 
+@PARTITIONERS.register("quantity")
 class QuantityPartitioner(Partitioner):
     """``quantity``: skewed hospital sizes, no label skew.
 
@@ -265,6 +269,7 @@ class QuantityPartitioner(Partitioner):
         return f"federation.partition.alpha={self.alpha:g}", "raise alpha or lower federation.hospitals"
 
 
+@PARTITIONERS.register("natural")
 class NaturalPartitioner(Partitioner):
     """``natural``: one hospital per real site (the data's own per-sample site labels).
 
@@ -313,32 +318,9 @@ class NaturalPartitioner(Partitioner):
         return train, test
 
 
-PARTITIONERS: dict[str, type[Partitioner]] = {
-    "iid": IidPartitioner,
-    "dirichlet": DirichletPartitioner,
-    "quantity": QuantityPartitioner,
-    "natural": NaturalPartitioner,
-}
-
-
 def make_partitioner(name: str, **options) -> Partitioner:
     """``make_partitioner("dirichlet", alpha=0.5)``; unknown names or options raise
-    :class:`FedsecError` naming ``federation.partition.<key>`` with a "did you mean"."""
-    if name not in PARTITIONERS:
-        near = difflib.get_close_matches(str(name), PARTITIONERS, n=1)
-        hint = f"; did you mean '{near[0]}'?" if near else ""
-        raise FedsecError(
-            f"federation.partition.name={name!r} is not a partitioner; expected one of "
-            f"{', '.join(PARTITIONERS)}{hint}"
-        )
-    cls = PARTITIONERS[name]
-    allowed = _option_names(cls)
-    for key in options:
-        if key not in allowed:
-            near = difflib.get_close_matches(key, allowed, n=1)
-            hint = f"; did you mean '{near[0]}'?" if near else ""
-            accepts = f"accepts {', '.join(allowed)}" if allowed else "takes no options"
-            raise FedsecError(
-                f"federation.partition.{key}: unknown option for partition '{name}' ({accepts}){hint}"
-            )
+    :class:`ScenarioError` naming ``federation.partition.<key>`` with a "did you mean"."""
+    cls = PARTITIONERS.get(name, key="federation.partition.name")
+    check_options(cls, options, "federation.partition", f"partition '{name}'")
     return cls(**options)

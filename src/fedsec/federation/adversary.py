@@ -51,13 +51,11 @@ def malicious_ids(entry: dict, num_hospitals: int, seed: int, index: int) -> lis
 def build_plans(scenario, num_hospitals: int) -> list[AttackPlan]:
     if not scenario.attacks:
         return []
-    from fedsec.attacks import ATTACKS, make_attack, register_attack
+    from fedsec.attacks import make_attack
 
     plans = []
     for i, entry in enumerate(scenario.attacks):
         options = {k: v for k, v in entry.items() if k not in ATTACK_FRAMEWORK_KEYS}
-        if ":" in str(entry["attack"]) and entry["attack"] not in ATTACKS:
-            register_attack(entry["attack"], entry["attack"])  # a user's own class, "module:Class"
         attack = make_attack(entry["attack"], **options)
         first, last = entry.get("rounds") or [1, scenario.federation.rounds]
         plans.append(AttackPlan(

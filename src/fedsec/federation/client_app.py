@@ -40,10 +40,8 @@ def _threads(num_cpus: float | None) -> None:
 def load_context(config: ConfigRecord, context: Context):
     """-> (scenario, task, plans, hospital id), cached per scenario text."""
     from fedsec.federation.adversary import build_plans
-    from fedsec.scenario import load_scenario
+    from fedsec.scenario import load_scenario, parse_yaml_text
     from fedsec.tasks import build_task
-
-    import yaml
 
     text = str(config["scenario"])
     key = hashlib.sha256(text.encode()).hexdigest()
@@ -54,7 +52,8 @@ def load_context(config: ConfigRecord, context: Context):
         if len(_CACHE) > 4:
             _CACHE.clear()
             _POISONED.clear()
-        scenario = load_scenario(yaml.safe_load(text))
+        # the server's scenario text is untrusted input here too: the same bounded parser
+        scenario = load_scenario(parse_yaml_text(text, "the server's scenario"))
         if data_path:  # deployment: this node's own data file replaces the scenario's path
             scenario.task.path = str(data_path)
         _threads(scenario.engine.num_cpus)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fedsec.errors import FedsecError
+from fedsec.errors import FedsecError, ScenarioError
 
 
 @dataclass
@@ -34,6 +34,26 @@ class RuleContext:
     server_round: int = 1
     num_malicious: int = 0
     client_ids: list | None = None
+
+
+@dataclass(frozen=True)
+class RuleSpec:
+    """What the rest of fedsec needs to know about a rule, read from its class.
+
+    needs_individual_updates: it must see each hospital's update (so secure aggregation,
+      which shows the server only the sum, rules it out).
+    mean_like: its output is a weighted mean of the updates (central DP's sensitivity
+      analysis holds for it).
+    needs_root_data: the server trains on a clean root set (FLTrust).
+    stateful: it keeps state between rounds (saved in checkpoints).
+    """
+
+    name: str
+    needs_individual_updates: bool
+    mean_like: bool
+    needs_root_data: bool
+    stateful: bool
+    tolerates: str
 
 
 @dataclass
@@ -60,6 +80,24 @@ class AggregationRule:
 
     name: str = "rule"
     needs_individual_updates: bool = True
+    mean_like: bool = False
+    needs_root_data: bool = False
+    stateful: bool = False
+    # how many Byzantine hospitals it tolerates, in words (docs/components.md)
+    tolerates: str = "no explicit bound"
+    # option name -> one-line doc (the options themselves are the keyword-only constructor
+    # parameters, typed, as Flower documents its strategies)
+    option_docs: dict = {}
+
+    @classmethod
+    def spec(cls) -> RuleSpec:
+        return RuleSpec(name=getattr(cls, "registry_name", cls.name),
+                        needs_individual_updates=cls.needs_individual_updates, mean_like=cls.mean_like,
+                        needs_root_data=cls.needs_root_data, stateful=cls.stateful, tolerates=cls.tolerates)
+
+    def min_updates(self, f: int) -> int:
+        """The fewest updates this rule needs in a round to tolerate ``f`` Byzantine ones."""
+        return 1
 
     def reset(self) -> None:
         """Forget the state kept between rounds (stateful rules override this)."""
@@ -68,12 +106,16 @@ class AggregationRule:
         """The error for an option or an input this rule cannot work with; names the rule."""
         return FedsecError(f"aggregation rule '{self.name}': {message}")
 
+    def option_fail(self, key: str, message: str) -> ScenarioError:
+        """The error for a bad option: names the rule and the option (as its key)."""
+        return ScenarioError(f"aggregation rule '{self.name}': option '{key}' {message}", key=key)
+
     def int_option(self, key: str, value, minimum: int = 0, allow_none: bool = False):
         """Check an integer option (bools are not integers here) and return it."""
         if value is None and allow_none:
             return None
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise self.fail(f"option '{key}' must be an integer >= {minimum}, got {value!r}")
+            raise self.option_fail(key, f"must be an integer >= {minimum}, got {value!r}")
         return value
 
     def float_option(self, key: str, value, minimum: float = 0.0, strict: bool = False, allow_none: bool = False):
@@ -85,7 +127,7 @@ class AggregationRule:
             ok = value > minimum if strict else value >= minimum
         if not ok:
             bound = f"> {minimum}" if strict else f">= {minimum}"
-            raise self.fail(f"option '{key}' must be a number {bound}, got {value!r}")
+            raise self.option_fail(key, f"must be a number {bound}, got {value!r}")
         return float(value)
 
     def aggregate(self, updates: torch.Tensor, weights: torch.Tensor, ctx: RuleContext) -> RuleResult:

@@ -7,6 +7,7 @@ import torch
 
 from fedsec.strategies.base import AggregationRule, RuleContext, RuleResult
 from fedsec.strategies.fedavg import normalised_weights
+from fedsec.registry import RULES
 
 
 def clip_factors(norms: torch.Tensor, max_norm: float | torch.Tensor) -> torch.Tensor:
@@ -14,6 +15,7 @@ def clip_factors(norms: torch.Tensor, max_norm: float | torch.Tensor) -> torch.T
     return torch.where(norms > max_norm, max_norm / norms.clamp(min=torch.finfo(norms.dtype).tiny), 1.0)
 
 
+@RULES.register()
 class NormBounding(AggregationRule):
     """Norm bounding ("Can you really backdoor federated learning?", Sun et al. 2019): scale
     every update down to norm <= M, then take the sample-weighted mean; optionally add
@@ -46,6 +48,7 @@ class NormBounding(AggregationRule):
         )
 
 
+@RULES.register()
 class CenteredClipping(AggregationRule):
     """Centered clipping (Karimireddy et al. 2021, "Learning from history for Byzantine robust
     optimization"): starting from the previous round's aggregate v, repeat
@@ -59,6 +62,7 @@ class CenteredClipping(AggregationRule):
     """
 
     name = "centered_clipping"
+    stateful = True
 
     def __init__(self, *, tau: float = 10.0, iterations: int = 1):
         self.tau = self.float_option("tau", tau, strict=True)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from fedsec.strategies.base import AggregationRule, RuleContext, RuleResult
+from fedsec.registry import RULES
 
 # Bytes of one [n, c] column block. np.partition works on a copy of its input: block by block
 # that copy stays in cache (L2 is 2 MiB per core here) instead of being a second [n, d]
@@ -141,6 +142,7 @@ def coordinate_mean_around_median(
     return out
 
 
+@RULES.register()
 class Median(AggregationRule):
     """Coordinate-wise median (Yin et al., ICML 2018). Sample counts are ignored: the median is
     robust only if no hospital can buy influence by reporting more samples.
@@ -149,11 +151,16 @@ class Median(AggregationRule):
     """
 
     name = "median"
+    tolerates = "f < n / 2"
+
+    def min_updates(self, f: int) -> int:
+        return 2 * f + 1
 
     def aggregate(self, updates: torch.Tensor, weights: torch.Tensor, ctx: RuleContext) -> RuleResult:
         return RuleResult(update=coordinate_median(updates))
 
 
+@RULES.register()
 class TrimmedMean(AggregationRule):
     """Coordinate-wise trimmed mean (Yin et al., ICML 2018): per coordinate, drop the k largest
     and k smallest values, average the rest. Sample counts are ignored.
@@ -165,6 +172,7 @@ class TrimmedMean(AggregationRule):
     """
 
     name = "trimmed_mean"
+    tolerates = "trim values at each end, n > 2 * trim"
 
     def __init__(self, *, beta: float = 0.2, trim: int | None = None):
         self.beta = self.float_option("beta", beta)

@@ -6,8 +6,10 @@ from __future__ import annotations
 import torch
 
 from fedsec.strategies.base import FaultTolerantRule, RuleContext, RuleResult
+from fedsec.registry import RULES
 
 
+@RULES.register()
 class DnC(FaultTolerantRule):
     """DnC: for each of ``iterations`` rounds of filtering, sample ``subsample_dim`` random
     coordinates, centre the sub-matrix, project each row on its top right singular vector;

@@ -7,6 +7,7 @@ import torch
 
 from fedsec.errors import FedsecError
 from fedsec.strategies.base import AggregationRule, RuleContext, RuleResult
+from fedsec.registry import RULES
 
 
 def normalised_weights(weights: torch.Tensor) -> torch.Tensor:
@@ -24,6 +25,7 @@ def weighted_mean(updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return normalised_weights(weights) @ updates
 
 
+@RULES.register()
 class FedAvg(AggregationRule):
     """Weighted mean of the updates, weighted by sample counts. No defense; flags nothing.
 
@@ -32,6 +34,7 @@ class FedAvg(AggregationRule):
 
     name = "fedavg"
     needs_individual_updates = False
+    mean_like = True
 
     def aggregate(self, updates: torch.Tensor, weights: torch.Tensor, ctx: RuleContext) -> RuleResult:
         return RuleResult(update=weighted_mean(updates, weights))

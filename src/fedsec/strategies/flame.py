@@ -8,8 +8,10 @@ import torch
 from fedsec.strategies.base import AggregationRule, RuleContext, RuleResult
 from fedsec.strategies.clipping import clip_factors
 from fedsec.strategies.geometry import cosine_similarities
+from fedsec.registry import RULES
 
 
+@RULES.register()
 class Flame(AggregationRule):
     """FLAME, three steps (Alg. 1 of the paper):
 

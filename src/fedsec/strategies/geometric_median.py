@@ -8,8 +8,10 @@ import torch
 from fedsec.strategies.base import AggregationRule, RuleContext, RuleResult
 from fedsec.strategies.fedavg import normalised_weights
 from fedsec.strategies.geometry import centered_gram
+from fedsec.registry import RULES
 
 
+@RULES.register()
 class GeometricMedian(AggregationRule):
     """The point minimising ``sum_i alpha_i |v - u_i|`` (alpha = sample-count weights, as RFA),
     by smoothed Weiszfeld: ``beta_i = alpha_i / max(nu, |v - u_i|)``, ``v <- sum beta_i u_i /

@@ -9,6 +9,7 @@ from fedsec.strategies.base import FaultTolerantRule, RuleContext, RuleResult
 from fedsec.strategies.coordinatewise import coordinate_mean_around_median
 from fedsec.strategies.fedavg import normalised_weights
 from fedsec.strategies.geometry import squared_distances
+from fedsec.registry import RULES
 
 
 def krum_scores(distances: torch.Tensor, num_neighbours: int) -> torch.Tensor:
@@ -43,7 +44,13 @@ def symmetric_distances(updates: torch.Tensor) -> torch.Tensor:
     return (dist + dist.T) / 2
 
 
+@RULES.register()
 class Krum(FaultTolerantRule):
+    tolerates = "f with n > 2f + 2 (Blanchard et al. 2017)"
+
+    def min_updates(self, f: int) -> int:
+        return 2 * f + 3
+
     """Krum: keep the one update whose n - f - 2 nearest neighbours are closest (sum of squared
     distances), and use it as the round's update.
 
@@ -71,7 +78,13 @@ class Krum(FaultTolerantRule):
         )
 
 
+@RULES.register()
 class MultiKrum(FaultTolerantRule):
+    tolerates = "f with n > 2f + 2 (Blanchard et al. 2017)"
+
+    def min_updates(self, f: int) -> int:
+        return 2 * f + 3
+
     """Multi-Krum: average the m updates with the lowest Krum scores (scores computed once).
 
     Options:
@@ -113,7 +126,13 @@ class MultiKrum(FaultTolerantRule):
         )
 
 
+@RULES.register()
 class Bulyan(FaultTolerantRule):
+    tolerates = "f with n >= 4f + 3 (El Mhamdi et al. 2018)"
+
+    def min_updates(self, f: int) -> int:
+        return 4 * f + 3
+
     """Bulyan: pick theta = n - 2f updates by applying Krum recursively (each pick removed from
     the pool, scores recomputed on what is left), then per coordinate average the
     beta = theta - 2f values closest to the median of the theta picks.

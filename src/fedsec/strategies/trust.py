@@ -7,8 +7,10 @@ import torch
 
 from fedsec.strategies.base import AggregationRule, RuleContext, RuleResult
 from fedsec.strategies.geometry import cosine_similarities
+from fedsec.registry import RULES
 
 
+@RULES.register()
 class FLTrust(AggregationRule):
     """FLTrust: the server trains on a small clean root set; its update g0 is the reference.
     Trust ``TS_i = ReLU(cos(u_i, g0))``; each update is rescaled to ``|g0|`` (so no hospital
@@ -20,6 +22,7 @@ class FLTrust(AggregationRule):
     """
 
     name = "fltrust"
+    needs_root_data = True
 
     def aggregate(self, updates: torch.Tensor, weights: torch.Tensor, ctx: RuleContext) -> RuleResult:
         root = ctx.root_update
@@ -51,6 +54,7 @@ class FLTrust(AggregationRule):
         )
 
 
+@RULES.register()
 class FoolsGold(AggregationRule):
     """FoolsGold: sybils pushing one poisoning goal send similar updates over time, honest
     hospitals with different data do not. Each hospital's updates are summed over rounds
@@ -68,6 +72,7 @@ class FoolsGold(AggregationRule):
     """
 
     name = "foolsgold"
+    stateful = True
 
     def __init__(self, *, kappa: float = 1.0, use_history: bool = True):
         self.kappa = self.float_option("kappa", kappa, strict=True)
