@@ -231,12 +231,22 @@ def check_value(spec: OptionSpec, value, key: str):
     return conv
 
 
+def _plain(value):
+    """OmegaConf containers -> plain dicts / lists (options may come from OmegaConf.load)."""
+    if type(value).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(value, resolve=False)
+    return value
+
+
 def check_options(cls, given: Mapping | None, key: str, owner: str) -> dict:
     """The full option set of ``cls``: declared defaults updated with ``given``, every value
     checked. Unknown and missing options are ScenarioErrors naming ``key.<option>``."""
-    given = {} if given is None else given
+    given = {} if given is None else _plain(given)
     if not isinstance(given, Mapping):
         raise ScenarioError(f"expected a mapping of options, got {given!r}", key=key)
+    given = {k: _plain(v) for k, v in given.items()}
     specs = options_of(cls)
     if specs is None:
         return dict(given)
@@ -250,7 +260,10 @@ def check_options(cls, given: Mapping | None, key: str, owner: str) -> dict:
     for s in specs:
         sub = f"{key}.{s.name}" if key else s.name
         if s.name in given:
-            out[s.name] = check_value(s, given[s.name], sub)
+            try:
+                out[s.name] = check_value(s, given[s.name], sub)
+            except ScenarioError as err:
+                raise ScenarioError(f"{owner}: option '{s.name}' {err.detail}", key=sub) from None
         elif s.required:
             raise ScenarioError(f"{owner} needs option '{s.name}' ({s.doc or s.type_name()})", key=sub)
         else:

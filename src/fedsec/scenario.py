@@ -448,7 +448,9 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = parse_yaml_text(raw, source)
     except ScenarioError as err:
         if "not valid YAML" not in err.detail:
-            raise
+            sub = err.key or ""
+            full = key + ("" if not sub else (sub if sub.startswith("[") else f".{sub}"))
+            raise ScenarioError(err.detail, file=source, key=full) from None
         value = raw  # a plain string that happens not to be YAML (e.g. "a: b: c")
     return key, value
 

@@ -145,7 +145,7 @@ def test_make_partitioner_rejects_unknown_names_and_options():
         make_partitioner("dirichlett")
     with pytest.raises(FedsecError, match=r"federation.partition.alpah.*did you mean 'alpha'"):
         make_partitioner("dirichlet", alpah=0.5)
-    with pytest.raises(FedsecError, match="takes no options"):
+    with pytest.raises(FedsecError, match="has no option 'alpha'; options: none"):
         make_partitioner("iid", alpha=1.0)
     with pytest.raises(FedsecError, match="federation.partition.alpha"):
         make_partitioner("dirichlet", alpha=0)

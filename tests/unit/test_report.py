@@ -43,16 +43,16 @@ def test_matrix_numbers(fake_sweep):
     root, _ = fake_sweep
     rows, keys = collect_rows(root)
     m = rp.build_matrix(rows, keys, "attacks", "strategy", "auroc")
-    assert m.defenses == ["fedavg", "krum"]
+    assert m.defenses == ["fedavg", "flame"]
     c = m.cells[("ehr_trigger", "fedavg")]
     assert c.attack_metric == "asr" and c.success == pytest.approx(0.95) and c.utility == pytest.approx(0.80)
     # sign flip has no metric of its own: the share of skill above chance it destroys
     sf = m.cells[("sign_flip", "fedavg")]
     assert sf.clean_utility == pytest.approx(0.82) and sf.utility == pytest.approx(0.62)
     assert sf.success == pytest.approx((0.82 - 0.62) / (0.82 - 0.5))
-    # krum's cost: AUROC without attack under FedAvg minus under Krum = 0.82 - 0.79
-    assert m.cells[("none", "krum")].cost == pytest.approx(0.03)
-    assert m.cells[("sign_flip", "krum")].cost == pytest.approx(0.03)
+    # flame's cost: AUROC without attack under FedAvg minus under FLAME = 0.82 - 0.79
+    assert m.cells[("none", "flame")].cost == pytest.approx(0.03)
+    assert m.cells[("sign_flip", "flame")].cost == pytest.approx(0.03)
     assert m.cells[("none", "fedavg")].cost == pytest.approx(0.0)
     assert m.cells[("none", "fedavg")].success is None
     labels = [g for g, _ in m.groups]
@@ -69,12 +69,12 @@ def test_readings_follow_the_numbers(fake_sweep):
     assert r[("ehr_trigger", "fedavg")].startswith(
         "A single malicious hospital (va) plants a backdoor that flips 95% of triggered 'disease' patient records "
         "to 'no disease'; FedAvg does not stop it")
-    assert "Krum stops it (FedAvg: 95%)" in r[("ehr_trigger", "krum")]
+    assert "FLAME stops it (FedAvg: 95%)" in r[("ehr_trigger", "flame")]
     assert "AUROC falls from 0.82 to 0.62 (62% of the skill above chance lost); FedAvg does not stop it" in \
         r[("sign_flip", "fedavg")]
     assert r[("sign_flip", "fedavg")].startswith("A single malicious hospital (va) sends reversed updates")
-    assert "but with Krum the model barely suffers: AUROC 0.79 (0.79 without the attack)" in r[("sign_flip", "krum")]
-    assert r[("none", "krum")] == "No attack: with Krum the model reaches AUROC 0.79, 0.03 below FedAvg."
+    assert "but with FLAME the model barely suffers: AUROC 0.79 (0.79 without the attack)" in r[("sign_flip", "flame")]
+    assert r[("none", "flame")] == "No attack: with FLAME the model reaches AUROC 0.79, 0.03 below FedAvg."
 
 
 def test_report_files_and_offline_html(fake_sweep):

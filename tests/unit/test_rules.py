@@ -384,7 +384,7 @@ def test_dnc_is_reproducible_from_the_generator():
 def test_fedavg_is_the_weighted_mean_and_sum_only():
     x = T([[1.0, 0.0], [0.0, 4.0]])
     assert make_rule("fedavg")(x, T([3.0, 1.0])).update.tolist() == [0.75, 1.0]
-    assert RULES["fedavg"].needs_individual_updates is False
+    assert RULES.get("fedavg").needs_individual_updates is False
     assert all(cls.needs_individual_updates for name, cls in RULES.items() if name != "fedavg")
     with pytest.raises(FedsecError, match="sum to 0"):
         make_rule("fedavg")(x, T([0.0, 0.0]))
@@ -442,17 +442,17 @@ def test_distances_survive_a_huge_update():
 
 
 def test_unknown_rule_suggests_the_closest_name():
-    with pytest.raises(FedsecError, match=r"unknown aggregation rule 'krun'; did you mean 'krum'\?"):
+    with pytest.raises(FedsecError, match=r"unknown aggregation rule 'krun' \(did you mean 'krum'\?\)"):
         make_rule("krun")
-    with pytest.raises(FedsecError, match="known rules: .*bulyan"):
+    with pytest.raises(FedsecError, match="available: .*bulyan"):
         make_rule("zzz")
 
 
 def test_unknown_option_names_it_and_lists_the_valid_ones():
-    expected = r"no option 'betta'; did you mean 'beta'\?; valid options: beta \(default 0.2\), trim"
+    expected = r"no option 'betta' \(did you mean 'beta'\?\); options: beta, trim"
     with pytest.raises(FedsecError, match=expected):
         make_rule("trimmed_mean", betta=0.1)
-    with pytest.raises(FedsecError, match="'median' has no option 'trim'; valid options: none"):
+    with pytest.raises(FedsecError, match="'median' has no option 'trim'; options: none"):
         make_rule("median", trim=1)
     assert rule_options("dnc") == {
         "num_malicious": None, "filter_fraction": 1.0, "iterations": 1, "subsample_dim": 10000
@@ -479,14 +479,14 @@ def test_conditions_on_n_are_explained(name, options, n, match):
     "name,options,match",
     [
         ("trimmed_mean", {"beta": 0.5}, r"'beta' must be in \[0, 0.5\)"),
-        ("trimmed_mean", {"beta": "0.1"}, "'beta' must be a number >= 0"),
+        ("trimmed_mean", {"beta": "0.1"}, "option 'beta' expected float, got '0.1'"),
         ("trimmed_mean", {"trim": -1}, "'trim' must be an integer >= 0"),
         ("krum", {"num_malicious": -1}, "'num_malicious' must be an integer >= 0"),
-        ("krum", {"num_malicious": True}, "'num_malicious' must be an integer"),
+        ("krum", {"num_malicious": True}, "option 'num_malicious' expected int | null, got True"),
         ("norm_bounding", {"max_norm": 0}, "'max_norm' must be a number > 0"),
         ("centered_clipping", {"iterations": 0}, "'iterations' must be an integer >= 1"),
-        ("flame", {"noise_lambda": "high"}, "'noise_lambda' must be a number"),
-        ("multi_krum", {"weighted": "yes"}, "'weighted' must be true or false"),
+        ("flame", {"noise_lambda": "high"}, "option 'noise_lambda' expected float, got 'high'"),
+        ("multi_krum", {"weighted": "yes"}, "option 'weighted' expected bool, got 'yes'"),
     ],
 )
 def test_bad_option_values_are_rejected_with_the_rule_named(name, options, match):

@@ -18,19 +18,19 @@ QUICKSTART = ROOT / "scenarios" / "quickstart.yaml"
 # The fake sweep: final AUROC per (attack, defense) for seeds 0, 1, 2 and the backdoor's ASR.
 AUROC = {
     ("none", "fedavg"): [0.80, 0.82, 0.84],
-    ("none", "krum"): [0.78, 0.78, 0.81],
+    ("none", "flame"): [0.78, 0.78, 0.81],
     ("ehr_trigger", "fedavg"): [0.79, 0.80, 0.81],
-    ("ehr_trigger", "krum"): [0.77, 0.77, 0.77],
+    ("ehr_trigger", "flame"): [0.77, 0.77, 0.77],
     ("sign_flip", "fedavg"): [0.60, 0.62, 0.64],
-    ("sign_flip", "krum"): [0.78, 0.79, 0.80],
+    ("sign_flip", "flame"): [0.78, 0.79, 0.80],
 }
-ASR = {("ehr_trigger", "fedavg"): [0.90, 0.95, 1.00], ("ehr_trigger", "krum"): [0.05, 0.10, 0.15]}
+ASR = {("ehr_trigger", "fedavg"): [0.90, 0.95, 1.00], ("ehr_trigger", "flame"): [0.05, 0.10, 0.15]}
 
 
-def make_fake_sweep(root: Path, failed: tuple | None = ("sign_flip", "krum", 2), privacy: bool = False) -> Path:
+def make_fake_sweep(root: Path, failed: tuple | None = ("sign_flip", "flame", 2), privacy: bool = False) -> Path:
     """A finished sweep folder as fedsec sweep writes it (sweep.json + cells/*/{scenario.yaml,
     summary.json, rounds.jsonl}), with known numbers; one cell failed (its seed has no metrics)."""
-    grid = {"attacks": ["none", "ehr_trigger", "sign_flip"], "strategy": ["fedavg", "krum"]}
+    grid = {"attacks": ["none", "ehr_trigger", "sign_flip"], "strategy": ["fedavg", "flame"]}
     if privacy:
         grid = {"attacks": ["ehr_trigger"], "privacy.central_dp.noise_multiplier": ["0.0", "0.5", "1.0"]}
     cells = sw.expand(grid, [0, 1, 2], ["federation.rounds=3"])
@@ -107,7 +107,7 @@ def test_parse_grid_and_seeds():
 
 
 def test_expand_is_the_cartesian_product_times_seeds():
-    grid = {"attacks": ["none", "alie", "sign_flip"], "strategy": ["fedavg", "krum"]}
+    grid = {"attacks": ["none", "alie", "sign_flip"], "strategy": ["fedavg", "flame"]}
     cells = sw.expand(grid, [0, 1, 2], ["federation.rounds=2"])
     assert len(cells) == 3 * 2 * 3
     assert len({c.id for c in cells}) == len(cells)
@@ -137,7 +137,7 @@ def test_invalid_key_is_a_clear_error_before_anything_runs(tmp_path, monkeypatch
     monkeypatch.setattr(sw, "_Pool", lambda *a, **k: started.append(a))
     out = tmp_path / "sweep"
     with pytest.raises(ScenarioError) as info:
-        sw.run_sweep(str(HEART_SWEEP), grid=["federation.roundz=2,3", "strategy=fedavg,krum"], seeds="0,1", out=out,
+        sw.run_sweep(str(HEART_SWEEP), grid=["federation.roundz=2,3", "strategy=fedavg,flame"], seeds="0,1", out=out,
                      stream=None)
     msg = str(info.value)
     assert "federation.roundz" in msg and "did you mean 'rounds'" in msg and "nothing was run" in msg
@@ -229,7 +229,7 @@ def test_rerun_runs_only_unfinished_cells(tmp_path, monkeypatch):
             path.mkdir(parents=True, exist_ok=True)
             s = load_scenario(QUICKSTART, cell.overrides)
             (path / "scenario.yaml").write_text(s.to_yaml())
-            status = "failed" if cell.values["strategy"] == "krum" and len(ran) == 1 else "completed"
+            status = "failed" if cell.values["strategy"] == "flame" and len(ran) == 1 else "completed"
             (path / "summary.json").write_text(json.dumps(
                 {"status": status, "seed": cell.seed, "final": {"auroc": 0.8 + 0.01 * cell.seed},
                  "attack": {}, "timing": {"wall_s": 1.0}, "error": "boom" if status == "failed" else None}))
@@ -238,7 +238,7 @@ def test_rerun_runs_only_unfinished_cells(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sw, "_Pool", _FakePool)
     monkeypatch.setattr(sw, "_drive", fake_drive)
-    args = dict(grid=["strategy=fedavg,krum,median"], seeds="0,1", out=out, stream=None)
+    args = dict(grid=["strategy=fedavg,flame,median"], seeds="0,1", out=out, stream=None)
     first = sw.run_sweep(str(QUICKSTART), **args)
     assert len(ran[0]) == 6
     assert sorted(c["status"] for c in first["cells"]).count("failed") == 2
@@ -250,14 +250,14 @@ def test_rerun_runs_only_unfinished_cells(tmp_path, monkeypatch):
 
     shutil.rmtree(out / fedavg1["path"])  # a missing cell
     second = sw.run_sweep(str(QUICKSTART), **args)
-    krum = {c["id"] for c in first["cells"] if c["values"]["strategy"] == "krum"}
-    assert set(ran[1]) == krum | {median0["id"], fedavg1["id"]}
+    flame = {c["id"] for c in first["cells"] if c["values"]["strategy"] == "flame"}
+    assert set(ran[1]) == flame | {median0["id"], fedavg1["id"]}
     assert all(c["status"] == "completed" for c in second["cells"])
     third = sw.run_sweep(str(QUICKSTART), **args)
     assert len(ran) == 2  # nothing left to run: no pool started, only the tables
     assert third["cells"] == second["cells"]
     meta = json.loads((out / "sweep.json").read_text())
-    assert meta["grid"] == {"strategy": ["fedavg", "krum", "median"]} and meta["seeds"] == [0, 1]
+    assert meta["grid"] == {"strategy": ["fedavg", "flame", "median"]} and meta["seeds"] == [0, 1]
 
 
 # ---- tables -----------------------------------------------------------------------------
@@ -274,7 +274,7 @@ def test_tables_match_hand_computed_means_and_stds(tmp_path):
     rows = _read_csv(paths["sweep_csv"])
     assert len(rows) == 18  # one per cell and seed
     failed = [r for r in rows if r["status"] == "failed"]
-    assert len(failed) == 1 and failed[0]["attacks"] == "sign_flip" and failed[0]["strategy"] == "krum"
+    assert len(failed) == 1 and failed[0]["attacks"] == "sign_flip" and failed[0]["strategy"] == "flame"
     assert failed[0]["seed"] == "2" and "disk full" in failed[0]["error"] and failed[0]["auroc"] == ""
     ok = next(r for r in rows if r["attacks"] == "ehr_trigger" and r["strategy"] == "fedavg" and r["seed"] == "1")
     assert float(ok["auroc"]) == pytest.approx(0.80) and float(ok["attack.asr"]) == pytest.approx(0.95)
@@ -286,23 +286,23 @@ def test_tables_match_hand_computed_means_and_stds(tmp_path):
     assert float(summary[("none", "fedavg")]["mean"]) == pytest.approx(0.82)
     assert float(summary[("none", "fedavg")]["std"]) == pytest.approx(0.02)
     # mean(0.78, 0.78, 0.81) = 0.79, std = sqrt(((-.01)^2 * 2 + .02^2) / 2) = sqrt(0.0003)
-    assert float(summary[("none", "krum")]["mean"]) == pytest.approx(0.79)
-    assert float(summary[("none", "krum")]["std"]) == pytest.approx(0.0003 ** 0.5, abs=1e-6)
+    assert float(summary[("none", "flame")]["mean"]) == pytest.approx(0.79)
+    assert float(summary[("none", "flame")]["std"]) == pytest.approx(0.0003 ** 0.5, abs=1e-6)
     # all equal: std 0
-    assert float(summary[("ehr_trigger", "krum")]["std"]) == pytest.approx(0.0, abs=1e-12)
+    assert float(summary[("ehr_trigger", "flame")]["std"]) == pytest.approx(0.0, abs=1e-12)
     # ASR: mean(0.9, 0.95, 1.0) = 0.95, std 0.05; mean(0.05, 0.1, 0.15) = 0.1, std 0.05
     assert summary[("ehr_trigger", "fedavg")]["attack_metric"] == "asr"
     assert float(summary[("ehr_trigger", "fedavg")]["attack_mean"]) == pytest.approx(0.95)
     assert float(summary[("ehr_trigger", "fedavg")]["attack_std"]) == pytest.approx(0.05)
-    assert float(summary[("ehr_trigger", "krum")]["attack_mean"]) == pytest.approx(0.1)
-    assert float(summary[("ehr_trigger", "krum")]["attack_std"]) == pytest.approx(0.05)
+    assert float(summary[("ehr_trigger", "flame")]["attack_mean"]) == pytest.approx(0.1)
+    assert float(summary[("ehr_trigger", "flame")]["attack_std"]) == pytest.approx(0.05)
     # the failed seed is left out: mean(0.78, 0.79) = 0.785, std = 0.01 / sqrt(2)
-    sk = summary[("sign_flip", "krum")]
+    sk = summary[("sign_flip", "flame")]
     assert sk["n"] == "2" and sk["not_completed"] == "1"
     assert float(sk["mean"]) == pytest.approx(0.785) and float(sk["std"]) == pytest.approx(0.01 / 2 ** 0.5, abs=1e-6)
 
     md = paths["summary_md"].read_text()
-    assert "| attacks \\ strategy | strategy=fedavg | strategy=krum |" in md
+    assert "| attacks \\ strategy | strategy=fedavg | strategy=flame |" in md
     assert "| none | 0.820 ± 0.020 | 0.790 ± 0.017 |" in md
     assert "0.800 ± 0.010 · asr 0.95 ± 0.05" in md
     assert "(1 of 3 not completed)" in md and "disk full" in md

@@ -100,10 +100,9 @@ class Attack:
     success_metric: ClassVar[str | None] = None
     success_wording: ClassVar[str | None] = None
 
-    @dataclass
-    class Options:
-        """The attack's options: exactly the keys an ``attacks/<preset>.yaml`` may set.
-        Subclasses declare their own (fields typed, with ``fedsec.registry.option``)."""
+    # The attack's options, exactly the keys an ``attacks/<preset>.yaml`` may set, are declared
+    # by each subclass as a nested dataclass ``Options`` (fields typed, with
+    # ``fedsec.registry.option``), or as typed keyword parameters of its constructor.
 
     @classmethod
     def option_defaults(cls) -> dict:
