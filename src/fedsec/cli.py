@@ -86,13 +86,15 @@ def cmd_validate(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from fedsec.registry import MODELS, TASKS
+    from fedsec.registry import MODELS, PARTITIONERS, RULES, TASKS
     from fedsec.scenario import list_presets
 
     what = args.what
     sections = {
-        "tasks": lambda: TASKS.names(),
+        "tasks": lambda: [f"{n:<24} {f.spec.domain}" for n, f in TASKS.items()],
         "models": lambda: MODELS.names(),
+        "partitioners": lambda: PARTITIONERS.names(),
+        "rules": lambda: [f"{n:<24} {c.tolerates}" for n, c in RULES.items()],
         "strategies": lambda: _presets("strategies", list_presets),
         "attacks": lambda: _presets("attacks", list_presets),
         "scenarios": lambda: _presets("scenarios", list_presets),
@@ -168,8 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_sweep_parser(sub)
     add_report_parser(sub)
 
-    p = sub.add_parser("list", help="list tasks, models, strategies, attacks, scenarios")
-    p.add_argument("what", nargs="?", choices=["tasks", "models", "strategies", "attacks", "scenarios"])
+    p = sub.add_parser("list", help="list tasks, models, partitioners, rules, strategies, attacks, scenarios "
+                                    "(every option: docs/components.md)")
+    p.add_argument("what", nargs="?", choices=["tasks", "models", "partitioners", "rules", "strategies", "attacks",
+                                               "scenarios"])
     p.set_defaults(fn=cmd_list)
     return parser
 

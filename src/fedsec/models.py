@@ -88,6 +88,7 @@ def _opacus_fix(model: nn.Module) -> nn.Module:
 
 @MODELS.register("densenet121")
 def monai_densenet121(input_shape, num_classes: int, opacus: bool = False, **kw):
+    """MONAI DenseNet121 (2D); ``opacus: true`` gives the GroupNorm, not-in-place variant DP-SGD needs."""
     from monai.networks.nets import DenseNet121
 
     act = ("relu", {"inplace": False}) if opacus else ("relu", {"inplace": True})
@@ -97,6 +98,7 @@ def monai_densenet121(input_shape, num_classes: int, opacus: bool = False, **kw)
 
 def _monai_resnet(depth: int):
     def build(input_shape, num_classes: int, opacus: bool = False, **kw):
+        """MONAI ResNet (2D); ``opacus: true`` gives the GroupNorm, not-in-place variant DP-SGD needs."""
         from monai.networks.nets import ResNet
         from monai.networks.nets.resnet import ResNetBlock, get_inplanes
 
@@ -115,6 +117,7 @@ monai_resnet18 = MODELS.register("resnet18", _monai_resnet(18))
 
 @MODELS.register("efficientnet_b0")
 def monai_efficientnet_b0(input_shape, num_classes: int, opacus: bool = False, **kw):
+    """MONAI EfficientNet-B0 (2D, no pretrained weights); ``opacus: true`` for DP-SGD."""
     from monai.networks.nets import EfficientNetBN
 
     net = EfficientNetBN("efficientnet-b0", pretrained=False, progress=False, spatial_dims=2,

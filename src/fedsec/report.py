@@ -1101,6 +1101,25 @@ def _privacy_available(setting: dict, module: str) -> bool:
         return True
 
 
+SCENARIO_FILE_THREATS = [
+    "## The scenario file itself", "",
+    "A scenario is input from someone else: a colleague's shared file, or, in a deployment, the text the "
+    "server sends every hospital. Its threat model: the author may be careless or hostile; fedsec must not "
+    "let it run code, read secrets, write outside the results folder, exhaust the machine, or silently "
+    "change what is measured.", "",
+    "| threat | what fedsec does |", "|---|---|",
+    "| code execution (`attack: \"os:system\"`) | components are looked up among registered classes only; "
+    "no value is imported or called |",
+    "| secrets copied into results (`${oc.env:SECRET}`) | interpolation is refused |",
+    "| writes elsewhere (`name: ../../x`, absolute `output.dir`) | `name` is a plain name, `output.dir` relative; "
+    "`--out` is the one deliberate way out |",
+    "| exhaustion (a symlink to `/dev/zero`, an alias bomb, `rounds: 1e12`) | regular files up to 1 MiB, "
+    "bounded aliases and values, documented numeric ranges |",
+    "| silent changes (duplicate keys or sites, ignored `hospitals`) | errors naming the key |", "",
+    "Details and the full list: [scenarios.md](scenarios.md#what-a-scenario-file-may-contain-and-why).", "",
+]
+
+
 def threat_map_markdown() -> str:
     """docs/threat-model.md, generated from attacks/*.yaml and strategies/*.yaml."""
     from fedsec.registry import TASKS
@@ -1237,6 +1256,7 @@ def threat_map_markdown() -> str:
                  "(DP-SGD, central DP and secure aggregation are in the schema).")
     L += ["", f"{len(attacks)} attack presets, {len(strategies)} strategy presets "
           f"({sum(1 for s in strategies if s['rule'] != 'fedavg')} robust rules).", ""]
+    L += SCENARIO_FILE_THREATS
     del root
     return "\n".join(L)
 

@@ -144,3 +144,12 @@ def test_partitioner_and_model_registries():
     assert set(PARTITIONERS.names()) == {"iid", "dirichlet", "quantity", "natural"}
     assert {o.name for o in options_of(PARTITIONERS.get("dirichlet"))} == {"alpha"}
     assert "small_cnn" in MODELS and "hidden" in {o.name for o in options_of(MODELS.get("mlp"))}
+
+
+def test_components_doc_is_generated_from_the_declarations():
+    from fedsec.components_doc import components_markdown
+
+    doc = ROOT / "docs" / "components.md"
+    assert doc.read_text() == components_markdown(), (
+        "docs/components.md is out of date: run `python -m fedsec.components_doc docs/components.md`")
+    assert "| `z` | float / null | null |" in doc.read_text()  # ALIE's typed option, from its class

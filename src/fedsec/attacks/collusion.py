@@ -80,6 +80,8 @@ class Coalition(Attack):
     goal = "availability"
     kind = "collusion"
     simulation_only = True
+    success_metric = "auroc"
+    success_wording = "the global model's AUROC / balanced accuracy falls against the no-attack run"
 
     def collude(self, benign_updates: torch.Tensor, n_malicious: int, ctx: AttackContext) -> torch.Tensor | None:
         if n_malicious <= 0 or benign_updates.shape[0] == 0:

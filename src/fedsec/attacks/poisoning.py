@@ -230,6 +230,8 @@ class SignFlip(Attack):
     """Send the reversed update ``global - scale * (local - global)`` (untargeted)."""
 
     name = "sign_flip"
+    success_metric = "auroc"
+    success_wording = "the global model's AUROC / balanced accuracy falls against the no-attack run"
     goal = "availability"
     kind = "model_poisoning"
 
@@ -258,6 +260,8 @@ class GaussianNoise(Attack):
     """
 
     name = "gaussian"
+    success_metric = "auroc"
+    success_wording = "the global model's AUROC / balanced accuracy falls against the no-attack run"
     goal = "availability"
     kind = "model_poisoning"
 
