@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from fedsec.registry import ATTACKS, MODELS, PARTITIONERS, RULES, TASKS, options_of
+from fedsec.registry import ATTACKS, MODELS, PARTITIONERS, PRIVACY, RULES, TASKS, options_of
 
 
 def _default(value) -> str:
@@ -86,6 +86,14 @@ def components_markdown() -> str:
             caps.append(f"success: `{sp.success_metric}` ({sp.success_wording})")
         alias = f" (the same class as `{sp.name}`)" if sp.name != name else ""
         out += [f"### `{name}`{alias}", "", _summary(cls), "", "Capabilities: " + "; ".join(caps) + ".", ""]
+        out += _options_table(cls)
+    out += ["## Privacy defenses (`privacy.<name>`)", ""]
+    for name, cls in PRIVACY.items():
+        caps = [f"acts in: {cls.acts_in}",
+                "hides individual updates from the server" if cls.hides_individual_updates
+                else "the server still sees each hospital's update"]
+        out += [f"### `privacy.{name}`", "", cls.title[0].upper() + cls.title[1:] + ".", "",
+                "Capabilities: " + "; ".join(caps) + ".", ""]
         out += _options_table(cls)
     return "\n".join(out).rstrip() + "\n"
 

@@ -137,11 +137,28 @@ def type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _docstring_options(cls) -> dict[str, str]:
+    """``name: text`` lines of a class docstring (the Google-style "Args" of a config) ->
+    {name: first sentence}: the docs of options declared without ``option(doc=...)``."""
+    import re
+
+    out = {}
+    for line in (getattr(cls, "__doc__", None) or "").splitlines():
+        m = re.match(r"^\s{0,8}([a-z_][a-z0-9_]*): (.+)$", line)
+        if m and m.group(1) not in out:
+            out[m.group(1)] = m.group(2).split(". ")[0].strip().rstrip(".")
+    return out
+
+
 def options_of(cls) -> list[OptionSpec] | None:
-    """The declared options of ``cls``: its ``Options`` dataclass, else its annotated
-    keyword-only constructor parameters; None when it declares none (takes anything)."""
+    """The declared options of ``cls``: its ``Options`` dataclass (or ``cls`` itself when it is
+    a dataclass), else its annotated keyword-only constructor parameters; None when it
+    declares none (takes anything)."""
     opts = getattr(cls, "Options", None)
+    if opts is None and dataclasses.is_dataclass(cls):
+        opts = cls
     if opts is not None and dataclasses.is_dataclass(opts):
+        doc_lines = _docstring_options(opts)
         hints = typing.get_type_hints(opts)
         out = []
         for f in dataclasses.fields(opts):
@@ -150,7 +167,8 @@ def options_of(cls) -> list[OptionSpec] | None:
             default = f.default if f.default is not _NO_DEFAULT else (
                 f.default_factory() if f.default_factory is not _NO_DEFAULT else _NO_DEFAULT)
             m = f.metadata or {}
-            out.append(OptionSpec(f.name, hints.get(f.name, Any), default, m.get("doc", ""), m.get("min"),
+            out.append(OptionSpec(f.name, hints.get(f.name, Any), default, m.get("doc") or doc_lines.get(f.name, ""),
+                                  m.get("min"),
                                   m.get("max"), m.get("gt"), m.get("lt"), m.get("choices")))
         return out
     init = cls.__init__ if isinstance(cls, type) else cls
@@ -164,7 +182,7 @@ def options_of(cls) -> list[OptionSpec] | None:
     params = list(sig.parameters.values())
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return None
-    docs = getattr(cls, "option_docs", {})
+    docs = {**_docstring_options(cls), **getattr(cls, "option_docs", {})}
     return [OptionSpec(p.name, hints.get(p.name, Any), p.default if p.default is not p.empty else _NO_DEFAULT,
                        docs.get(p.name, ""))
             for p in params

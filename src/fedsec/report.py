@@ -51,22 +51,28 @@ from fedsec.errors import FedsecError
 NO_ATTACK = {"none", "null", "", "[]", "~"}
 REFERENCE_DEFENSE = "fedavg"
 CHANCE = {"auroc": 0.5, "balanced_accuracy": 0.5, "accuracy": 0.5, "sensitivity": 0.0, "specificity": 0.0}
-KNOWN_CLASS_NAMES = {"heart_disease": ["no disease", "disease"], "pneumonia": ["normal", "pneumonia"]}
-DEFENSE_NAMES = {
-    "fedavg": "FedAvg", "krum": "Krum", "multi_krum": "Multi-Krum", "median": "the coordinate-wise median",
-    "trimmed_mean": "the trimmed mean", "norm_bounding": "norm bounding", "flame": "FLAME", "fltrust": "FLTrust",
-    "bulyan": "Bulyan", "foolsgold": "FoolsGold", "geometric_median": "the geometric median (RFA)",
-    "centered_clipping": "centered clipping", "dnc": "Divide-and-Conquer",
-}
-ATTACK_VERBS = {
-    "sign_flip": "sends reversed updates", "gaussian": "sends random-noise updates",
-    "alie": "sends crafted updates that hide inside the others' spread (ALIE)",
-    "ipm": "sends updates pointing against the others' mean (IPM)",
-    "min_max": "sends crafted updates (min-max)", "min_sum": "sends crafted updates (min-sum)",
-    "fang_krum": "sends updates crafted against Krum", "fang_median": "sends updates crafted against the median",
-    "fang_trimmed_mean": "sends updates crafted against the trimmed mean",
-    "scaling": "sends boosted updates",
-}
+# Display names, verbs, class names and modalities come from the components' declarations
+# (fedsec.registry): this module keeps no list of component names.
+
+
+def _rule_cls(name):
+    from fedsec.registry import RULES
+
+    return RULES.get(name) if name in RULES else None
+
+
+def _attack_cls(name):
+    from fedsec.registry import ATTACKS
+
+    return ATTACKS.get(name) if name in ATTACKS else None
+
+
+def _task_spec(name):
+    from fedsec.registry import TASKS
+
+    return TASKS.get(name).spec if name in TASKS else None
+
+
 ADVERSARY_NOUNS = {"curious_server": "a curious server", "external": "an outside attacker",
                    "vendor": "a compromised third-party vendor", "patient": "a malicious patient",
                    "clinician": "a malicious clinician"}
@@ -149,7 +155,8 @@ def _class_info(scenario: dict, _cache: dict = {}) -> tuple[list[str], list[str]
     fed = scenario.get("federation") or {}
     key = repr((task, fed.get("sites"), fed.get("hospitals"), fed.get("partition")))
     if key not in _cache:
-        classes, hospitals = list(KNOWN_CLASS_NAMES.get(task.get("name"), [])), []
+        spec = _task_spec(task.get("name"))
+        classes, hospitals = list(spec.class_names if spec else []), []
         try:
             from fedsec.scenario import load_scenario
             from fedsec.tasks import build_task
@@ -350,17 +357,15 @@ def build_matrix(rows: list[dict], keys: list[str], row_key: str | None, col_key
 # --------------------------------------------------------------------------------------
 
 
-SHORT_DEFENSE_NAMES = {"median": "Median", "trimmed_mean": "Trimmed mean", "geometric_median": "Geometric median",
-                       "norm_bounding": "Norm bounding", "centered_clipping": "Centered clipping", "dnc": "DnC"}
-
-
 def defense_short(d: str) -> str:
     """Column headers: ``Krum``, ``Median``."""
-    return SHORT_DEFENSE_NAMES.get(str(d)) or DEFENSE_NAMES.get(str(d), str(d).replace("_", " "))
+    cls = _rule_cls(str(d))
+    return (cls and (cls.short_title or cls.title)) or str(d).replace("_", " ")
 
 
 def defense_name(d: str) -> str:
-    return DEFENSE_NAMES.get(str(d), str(d).replace("_", " "))
+    cls = _rule_cls(str(d))
+    return (cls and cls.title) or str(d).replace("_", " ")
 
 
 def _metric_name(metric: str) -> str:
@@ -368,10 +373,10 @@ def _metric_name(metric: str) -> str:
 
 
 def _inputs_noun(scenario: dict, domain: str | None) -> str:
-    task = (scenario.get("task") or {}).get("name")
-    if task == "pneumonia":
-        return "chest X-rays"
-    if domain == "ehr_prediction" or task in ("heart_disease", "ehr_csv"):
+    spec = _task_spec((scenario.get("task") or {}).get("name"))
+    if spec is not None and spec.inputs != "inputs":
+        return spec.inputs
+    if domain == "ehr_prediction":
         return "patient records"
     if domain and domain.startswith("image"):
         return "images"
@@ -456,7 +461,8 @@ def reading(c: MatrixCell, m: RiskMatrix) -> str:
         if kind == "label_flip":
             action = f"relabels its {inputs}{f' as {target}' if target else ''}"
         else:
-            action = ATTACK_VERBS.get(kind or "", f"poisons its updates ({c.attack})")
+            cls = _attack_cls(kind or "")
+            action = (cls and cls.verb) or f"poisons its updates ({c.attack})"
         if c.clean_utility is None:
             text = f"{subject} {action}; with {D} {metric} is {U:.2f} (no no-attack run to compare)."
         else:
@@ -1056,49 +1062,16 @@ def report(path, rows: str | None = None, cols: str | None = None, metric: str |
 # --------------------------------------------------------------------------------------
 
 # Which data an attack implementation works on (the rest work on any model update).
-IMAGE_ONLY = {"badnets", "dlg", "idlg", "inverting_gradients"}
-TABULAR_ONLY = {"ehr_trigger", "ehr_missing_trigger", "tabular_inversion"}
 DOMAIN_MODALITY = {"image_classification": "image", "image_detection": "image", "image_segmentation": "image",
                    "imaging": "image", "ehr_prediction": "tabular", "electrogram": "signal",
                    "multi_omics": "tabular", "cross_modal": "multi"}
 # What a robust aggregation rule is built against (robust rules: hospital insiders poisoning training).
 ROBUST_TARGETS = {"goals": ("integrity", "availability"), "adversaries": ("hospital_insider",), "phase": "training"}
-PRIVACY_DEFENSES = {
-    "privacy.dp_sgd": ("record-level DP-SGD (Opacus) at each hospital", {"dp_sgd": {"noise_multiplier": 1.0}},
-                       "dp_sgd"),
-    "privacy.central_dp": ("hospital-level central DP (Flower's DP strategy wrappers)",
-                           {"central_dp": {"noise_multiplier": 1.0}}, "central_dp"),
-    "privacy.secure_aggregation": ("secure aggregation (Flower SecAgg+): the server sees only the sum",
-                                   {"secure_aggregation": True}, "secagg"),
-}
+def _privacy_defenses() -> list:
+    """(scenario key, title) of every registered privacy defense."""
+    from fedsec.registry import PRIVACY
 
-
-def _privacy_available(setting: dict, module: str) -> bool:
-    """Whether this version runs the privacy setting: its module exists and the runner does
-    not refuse it (older versions refused privacy settings in ``runner._unsupported``)."""
-    import importlib
-
-    try:
-        importlib.import_module(f"fedsec.privacy.{module}")
-    except Exception:
-        return False
-    try:
-        from fedsec import runner
-        from fedsec.scenario import PrivacyConfig
-
-        check = getattr(runner, "_unsupported", None)
-        if check is None:
-            return True
-
-        class _S:
-            privacy = PrivacyConfig(**setting)
-
-        check(_S())
-        return True
-    except FedsecError:
-        return False
-    except Exception:
-        return True
+    return [(f"privacy.{name}", cls.title) for name, cls in PRIVACY.items()]
 
 
 SCENARIO_FILE_THREATS = [
@@ -1144,10 +1117,9 @@ def threat_map_markdown() -> str:
 
     def applies(a, domain) -> bool:
         modality = DOMAIN_MODALITY.get(domain)
-        if a["attack"] in IMAGE_ONLY:
-            return modality == "image"
-        if a["attack"] in TABULAR_ONLY:
-            return modality == "tabular"
+        cls = _attack_cls(a["attack"])
+        if cls is not None and cls.modality != "any":
+            return modality == cls.modality
         return True
 
     L = ["# Threat model: what fedsec covers", "",
@@ -1204,13 +1176,12 @@ def threat_map_markdown() -> str:
             continue
         L.append(f"| `strategy: {s['preset']}` | {s['description']} | hospital insiders, integrity + availability, "
                  "training | available |")
-    for key, (desc, setting, module) in PRIVACY_DEFENSES.items():
-        status = "available" if _privacy_available(setting, module) else "not yet in this version"
-        L.append(f"| `{key}` | {desc} | curious server / external, confidentiality | {status} |")
+    for key, desc in _privacy_defenses():
+        L.append(f"| `{key}` | {desc} | curious server / external, confidentiality | available |")
     L += ["", "## Coverage: which (domain, adversary, goal) cells have attacks and defenses", "",
           "| goal | adversary | attacks | defenses |", "|---|---|---|---|"]
     robust = [s["preset"] for s in strategies if s["rule"] != "fedavg"]
-    privacy = [k for k, (_, setting, module) in PRIVACY_DEFENSES.items() if _privacy_available(setting, module)]
+    privacy = [k for k, _ in _privacy_defenses()]
     for g in goals:
         for adv in TAXONOMY["adversary"]:
             hits = [a["preset"] for a in attacks

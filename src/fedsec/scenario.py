@@ -517,7 +517,18 @@ def _set_path(data: dict, tokens: list, value, source: str) -> None:
         if not isinstance(node, dict):
             raise ScenarioError(f"'{format_key(tokens[:-1])}' is not a mapping", file=source,
                                 key=format_key(tokens))
-        node[last] = value
+        if isinstance(node.get(last), dict) and isinstance(value, dict):
+            _deep_merge(node[last], value)  # `federation={rounds: 2}` changes rounds, keeps the rest
+        else:
+            node[last] = value
+
+
+def _deep_merge(into: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(into.get(k), dict) and isinstance(v, dict):
+            _deep_merge(into[k], v)
+        else:
+            into[k] = v
 
 
 def _apply_override(data: dict, key: str, value: Any, text: str) -> dict:

@@ -61,6 +61,8 @@ class TaskSpec:
     options: dict
     sites: tuple[str, ...] | None = None
     needs_path: bool = False
+    class_names: tuple[str, ...] = ()  # when known without loading the data (reports)
+    inputs: str = "inputs"  # what one record is, in a report's sentence
 
 
 # Options every task takes, applied after the data is built.
@@ -95,8 +97,10 @@ def _options(scenario) -> dict:
 
 
 @task("heart_disease", domain="ehr_prediction", splits=("natural",), options=_EHR_OPTIONS,
-      sites=("cleveland", "hungary", "switzerland", "va"))
+      sites=("cleveland", "hungary", "switzerland", "va"), class_names=("no disease", "disease"),
+      inputs="patient records")
 def build_heart_disease(scenario) -> FederatedDataset:
+    """UCI Heart Disease (embedded): four real hospitals, predict heart disease from 13 clinical features."""
     from fedsec.data.heart import load_heart_disease
 
     opts = _options(scenario)
@@ -107,11 +111,12 @@ def build_heart_disease(scenario) -> FederatedDataset:
     return load_heart_disease(sites=scenario.federation.sites, data_dir=scenario.task.path, **opts)
 
 
-@task("ehr_csv", domain="ehr_prediction", splits=("natural",), needs_path=True, options={
+@task("ehr_csv", domain="ehr_prediction", splits=("natural",), needs_path=True, inputs="patient records", options={
     **_EHR_OPTIONS, "hospital_column": "the column naming each record's hospital",
     "label_column": "the outcome column", "feature_columns": "the feature columns (default: all others)",
     "missing": "how missing values are written", "positive_labels": "values of the label counted positive"})
 def build_ehr_csv(scenario) -> FederatedDataset:
+    """Your own EHR table (CSV): one row per patient, a hospital column, a label column."""
     from fedsec.data.tabular import federate_table, read_ehr_csv
 
     if not scenario.task.path:
@@ -141,24 +146,27 @@ def _imaging(scenario, source: str) -> FederatedDataset:
 
 
 @task("pneumonia", domain="image_classification", splits=("iid", "dirichlet", "quantity"),
-      options=_IMAGING_OPTIONS)
+      options=_IMAGING_OPTIONS, class_names=("normal", "pneumonia"), inputs="chest X-rays")
 def build_pneumonia(scenario) -> FederatedDataset:
+    """PneumoniaMNIST chest X-rays (embedded): normal vs pneumonia, divided among simulated hospitals."""
     return _imaging(scenario, "pneumonia")
 
 
 @task("medmnist", domain="image_classification", splits=("iid", "dirichlet", "quantity"),
-      options=_IMAGING_OPTIONS, needs_path=True)
+      options=_IMAGING_OPTIONS, needs_path=True, inputs="images")
 def build_medmnist(scenario) -> FederatedDataset:
+    """Any MedMNIST 2D .npz file of yours, divided among simulated hospitals."""
     if not scenario.task.path:
         raise FedsecError("task.path: the medmnist task needs the path of a MedMNIST .npz file")
     return _imaging(scenario, "medmnist")
 
 
 @task("mednist", domain="image_classification", splits=("natural", "iid", "dirichlet", "quantity"),
-      needs_path=True, options={**_IMAGING_OPTIONS, "test_fraction": "share held out for testing",
+      needs_path=True, inputs="images", options={**_IMAGING_OPTIONS, "test_fraction": "share held out for testing",
                                 "val_fraction": "share held out for validation",
                                 "sites": "sub-folders that are sites (natural split)"})
 def build_mednist(scenario) -> FederatedDataset:
+    """A MedNIST-style image folder of yours (one sub-folder per class, optionally per site)."""
     if not scenario.task.path:
         raise FedsecError("task.path: the mednist task needs a folder with one sub-folder per class")
     return _imaging(scenario, "mednist")

@@ -72,6 +72,7 @@ def test_did_you_mean_is_one_look_up():
 def test_every_component_declares_typed_options_and_a_spec():
     for kind, reg in REGISTRIES.items():
         for name, obj in reg.items():
+            assert (obj.__doc__ or "").strip(), f"{kind} '{name}' has no docstring (docs/components.md reads it)"
             specs = options_of(obj)
             if kind == "models" and specs is None:
                 continue  # MONAI factories pass keyword options through to MONAI

@@ -196,6 +196,7 @@ class BadNets(Backdoor):
     ``row + col`` is even inside the patch, 0 elsewhere in it. Images only ``[N, C, H, W]``."""
 
     name = "badnets"
+    modality = "image"
 
     @_dataclass
     class Options(Backdoor.Options):
@@ -310,6 +311,7 @@ class EHRTrigger(_FeatureTrigger):
     but plausible-looking combination when several features move together."""
 
     name = "ehr_trigger"
+    modality = "tabular"
 
     @_dataclass
     class Options(Backdoor.Options):
@@ -335,6 +337,7 @@ class MissingValueTrigger(_FeatureTrigger):
     standardisation puts a missing entry at exactly 0)."""
 
     name = "ehr_missing_trigger"
+    modality = "tabular"
 
     @_dataclass
     class Options(Backdoor.Options):

@@ -77,6 +77,7 @@ class AttackSpec:
     hooks: tuple[str, ...]
     server_only: bool
     simulation_only: bool
+    modality: str
     success_metric: str | None
     success_wording: str | None
 
@@ -96,6 +97,8 @@ class Attack:
     kind: str = "model_poisoning"
     simulation_only: bool = False  # True for omniscient coalitions (collude hook)
     server_only: bool = False  # True for observers that need no malicious hospital
+    modality: ClassVar[str] = "any"  # "image" or "tabular" when it only works on that data
+    verb: ClassVar[str | None] = None  # what the attacker does, in a report's sentence
     # the metric that measures success (recorded under ``attack`` in rounds.jsonl) and its reading
     success_metric: ClassVar[str | None] = None
     success_wording: ClassVar[str | None] = None
@@ -117,7 +120,7 @@ class Attack:
         return AttackSpec(
             name=getattr(cls, "registry_name", cls.name), goal=cls.goal, kind=cls.kind,
             hooks=tuple(h for h in HOOKS if getattr(cls, h) is not getattr(Attack, h)),
-            server_only=cls.server_only, simulation_only=cls.simulation_only,
+            server_only=cls.server_only, simulation_only=cls.simulation_only, modality=cls.modality,
             success_metric=cls.success_metric, success_wording=cls.success_wording)
 
     def check(self, num_hospitals: int | None, malicious: list[int], key: str = "") -> None:

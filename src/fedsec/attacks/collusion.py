@@ -103,6 +103,7 @@ class ALIE(Coalition):
     the probability is kept inside (0, 1) when f is so large that s <= 0."""
 
     name = "alie"
+    verb = "sends crafted updates that hide inside the others' spread (ALIE)"
 
     @_dataclass
     class Options:
@@ -131,6 +132,7 @@ class IPM(Coalition):
     median and Krum, a large one (e.g. 10) plain averaging."""
 
     name = "ipm"
+    verb = "sends updates pointing against the others' mean (IPM)"
 
     @_dataclass
     class Options:
@@ -216,6 +218,7 @@ class MinMax(_MinMaxBase):
     largest distance between two benign updates."""
 
     name = "min_max"
+    verb = "sends crafted updates (min-max)"
 
     def feasible(self, sq_to_benign, pair_sq):
         return bool(sq_to_benign.max() <= pair_sq.max())
@@ -227,6 +230,7 @@ class MinSum(_MinMaxBase):
     most the largest such sum of a benign update."""
 
     name = "min_sum"
+    verb = "sends crafted updates (min-sum)"
 
     def feasible(self, sq_to_benign, pair_sq):
         return bool(sq_to_benign.sum() <= pair_sq.sum(dim=1).max())
@@ -267,6 +271,7 @@ class FangKrum(_Fang):
     ``last_lambda`` / ``last_selected`` record the outcome."""
 
     name = "fang_krum"
+    verb = "sends updates crafted against Krum"
 
     @_dataclass
     class Options:
@@ -336,6 +341,7 @@ class FangMedian(_Fang):
     Each malicious hospital draws its own values from ``ctx.generator``."""
 
     name = "fang_median"
+    verb = "sends updates crafted against the median"
 
     @_dataclass
     class Options:

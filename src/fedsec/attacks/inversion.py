@@ -899,6 +899,7 @@ class DLGAttack(GradientInversionAttack):
     line_search, init, boxed."""
 
     name = "dlg"
+    modality = "image"
 
     @_dataclass
     class Options(GradientInversionAttack.Options):
@@ -925,6 +926,7 @@ class IDLGAttack(DLGAttack):
     """:func:`idlg` as an observer (options as DLG)."""
 
     name = "idlg"
+    modality = "image"
 
     @_dataclass
     class Options(DLGAttack.Options):
@@ -944,6 +946,7 @@ class InvertingGradientsAttack(GradientInversionAttack):
     tv_weight, restarts, signed, boxed, schedule, init, labels (``"infer"`` / ``"optimize"``)."""
 
     name = "inverting_gradients"
+    modality = "image"
 
     @_dataclass
     class Options(GradientInversionAttack.Options):
@@ -975,6 +978,7 @@ class TabularInversionAttack(GradientInversionAttack):
     lr, restarts, objective, tol (standardised units for ``records_recovered``)."""
 
     name = "tabular_inversion"
+    modality = "tabular"
     success_metric = "records_recovered"
     success_wording = "records whose features are recovered within tol (standardised units)"
 

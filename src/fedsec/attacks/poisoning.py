@@ -210,6 +210,7 @@ class Scaling(Attack):
     """
 
     name = "scaling"
+    verb = "sends boosted updates"
     goal = "integrity"
     kind = "model_poisoning"
 
@@ -230,6 +231,7 @@ class SignFlip(Attack):
     """Send the reversed update ``global - scale * (local - global)`` (untargeted)."""
 
     name = "sign_flip"
+    verb = "sends reversed updates"
     success_metric = "auroc"
     success_wording = "the global model's AUROC / balanced accuracy falls against the no-attack run"
     goal = "availability"
@@ -260,6 +262,7 @@ class GaussianNoise(Attack):
     """
 
     name = "gaussian"
+    verb = "sends random-noise updates"
     success_metric = "auroc"
     success_wording = "the global model's AUROC / balanced accuracy falls against the no-attack run"
     goal = "availability"

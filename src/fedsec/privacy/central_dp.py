@@ -61,6 +61,8 @@ need to trust them.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import math
 import warnings
 from dataclasses import dataclass
@@ -78,12 +80,13 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT,
 
 from fedsec.errors import FedsecError
 from fedsec.privacy.options import choice, flag, number, parse_options
+from fedsec.registry import PRIVACY
 
 SECTION = "central_dp"
 DEFAULT_DELTA = 1e-3
-MEAN_RULES = ("fedavg",)
 
 
+@PRIVACY.register("central_dp")
 @dataclass
 class CentralDPConfig:
     """``privacy.central_dp``.
@@ -102,6 +105,12 @@ class CentralDPConfig:
     delta: default min(1e-3, H ** -1.1) for H hospitals.
     amplification: account with sampling rate m / H instead of 1 (default false).
     """
+
+    # the defense's declaration (docs/components.md, the threat map)
+    title: ClassVar[str] = "hospital-level central DP (Flower's DP strategy wrappers)"
+    acts_in: ClassVar[str] = "server"  # client (a ClientApp mod / training), server, or both
+    hides_individual_updates: ClassVar[bool] = False
+    example: ClassVar[object] = {"noise_multiplier": 1.0}
 
     mode: str = "fixed"
     clipping: str = "server"
@@ -164,7 +173,7 @@ def check_central_dp_compatible(rule) -> None:
 
     ``rule``: None (Flower's FedAvg aggregation) or a fedsec AggregationRule."""
     name = getattr(rule, "name", None)
-    if rule is None or name in MEAN_RULES:
+    if rule is None or getattr(rule, "mean_like", False):  # the rule's declaration (RuleSpec)
         return
     raise FedsecError(
         f"strategy '{name}' with privacy.central_dp: the Gaussian noise is calibrated to the sensitivity of "

@@ -14,6 +14,8 @@ attack's ``poison_update``).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import math
 from dataclasses import dataclass
 
@@ -21,10 +23,12 @@ import torch
 
 from fedsec.errors import FedsecError
 from fedsec.privacy.options import number, parse_options
+from fedsec.registry import PRIVACY
 
 SECTION = "compression"
 
 
+@PRIVACY.register("compression")
 @dataclass
 class CompressionConfig:
     """``privacy.compression``.
@@ -36,6 +40,12 @@ class CompressionConfig:
         nearest level, so the error per entry is at most half a step; default null (no
         quantisation). 2 <= bits <= 16.
     """
+
+    # the defense's declaration (docs/components.md, the threat map)
+    title: ClassVar[str] = "update compression (top-k pruning, quantisation) at each hospital"
+    acts_in: ClassVar[str] = "client"  # client (a ClientApp mod / training), server, or both
+    hides_individual_updates: ClassVar[bool] = False
+    example: ClassVar[object] = {"keep_ratio": 0.5}
 
     keep_ratio: float = 1.0
     bits: int | None = None

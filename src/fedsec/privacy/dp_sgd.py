@@ -25,6 +25,8 @@ Options (``privacy.dp_sgd``), see :class:`DPConfig`.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import logging
 import math
 import warnings
@@ -36,6 +38,7 @@ import torch
 from fedsec.errors import FedsecError
 from fedsec.federation.training import epoch_range, step_limit
 from fedsec.privacy.options import choice, flag, number, option_error, parse_options
+from fedsec.registry import PRIVACY
 
 SECTION = "dp_sgd"
 ACCOUNTANTS = ("rdp", "prv", "gdp")
@@ -43,6 +46,7 @@ DEFAULT_DELTA = 1e-3
 STATE_KEY = "fedsec.dp_sgd"  # ConfigRecord in the node's Context.state
 
 
+@PRIVACY.register("dp_sgd")
 @dataclass
 class DPConfig:
     """``privacy.dp_sgd``.
@@ -63,6 +67,12 @@ class DPConfig:
         Opacus reports it too, but is not a proven bound.
     accountant: "rdp" (default), "prv" or "gdp" -- Opacus's accountants.
     """
+
+    # the defense's declaration (docs/components.md, the threat map)
+    title: ClassVar[str] = "record-level DP-SGD (Opacus) at each hospital"
+    acts_in: ClassVar[str] = "client"  # client (a ClientApp mod / training), server, or both
+    hides_individual_updates: ClassVar[bool] = False
+    example: ClassVar[object] = {"noise_multiplier": 1.0}
 
     noise_multiplier: float | None = None
     target_epsilon: float | None = None

@@ -41,6 +41,8 @@ rounding is seeded per hospital and round so runs repeat.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import zlib
 from dataclasses import dataclass
 
@@ -52,6 +54,7 @@ from flwr.serverapp.strategy import Strategy
 from fedsec.errors import FedsecError
 from fedsec.privacy.central_dp import innermost, report_round_info
 from fedsec.privacy.options import number, parse_options
+from fedsec.registry import PRIVACY
 
 SECTION = "secure_aggregation"
 RECORD_KEY = RECORD_KEY_CONFIGS  # the SecAgg+ ConfigRecord in a message
@@ -59,6 +62,7 @@ STATE_KEY = RECORD_KEY_STATE  # the client's SecAgg+ state in Context.state
 METRIC_OUT_OF_RANGE = "secagg-out-of-range"
 
 
+@PRIVACY.register("secure_aggregation")
 @dataclass
 class SecAggConfig:
     """``privacy.secure_aggregation``: ``true`` for the defaults, or a mapping of these.
@@ -74,6 +78,12 @@ class SecAggConfig:
         beyond n > modulus_range / quantization_range = 1024).
     max_weight: the largest sample-count weight (default: the largest hospital's training set).
     """
+
+    # the defense's declaration (docs/components.md, the threat map)
+    title: ClassVar[str] = "secure aggregation (Flower SecAgg+): the server sees only the sum"
+    acts_in: ClassVar[str] = "both"  # client (a ClientApp mod / training), server, or both
+    hides_individual_updates: ClassVar[bool] = True
+    example: ClassVar[object] = True
 
     num_shares: float = 1.0
     reconstruction_threshold: float = 0.75

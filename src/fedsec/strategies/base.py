@@ -79,6 +79,8 @@ class AggregationRule:
     """
 
     name: str = "rule"
+    title: str | None = None  # in sentences ("the coordinate-wise median"); default: the name
+    short_title: str | None = None  # in table headers ("Median")
     needs_individual_updates: bool = True
     mean_like: bool = False
     needs_root_data: bool = False

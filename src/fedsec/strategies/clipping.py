@@ -28,6 +28,8 @@ class NormBounding(AggregationRule):
     """
 
     name = "norm_bounding"
+    title = "norm bounding"
+    short_title = "Norm bounding"
 
     def __init__(self, *, max_norm: float | None = None, noise_std: float = 0.0):
         self.max_norm = self.float_option("max_norm", max_norm, strict=True, allow_none=True)
@@ -62,6 +64,8 @@ class CenteredClipping(AggregationRule):
     """
 
     name = "centered_clipping"
+    title = "centered clipping"
+    short_title = "Centered clipping"
     stateful = True
 
     def __init__(self, *, tau: float = 10.0, iterations: int = 1):

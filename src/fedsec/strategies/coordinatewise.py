@@ -151,6 +151,8 @@ class Median(AggregationRule):
     """
 
     name = "median"
+    title = "the coordinate-wise median"
+    short_title = "Median"
     tolerates = "f < n / 2"
 
     def min_updates(self, f: int) -> int:
@@ -172,6 +174,8 @@ class TrimmedMean(AggregationRule):
     """
 
     name = "trimmed_mean"
+    title = "the trimmed mean"
+    short_title = "Trimmed mean"
     tolerates = "trim values at each end, n > 2 * trim"
 
     def __init__(self, *, beta: float = 0.2, trim: int | None = None):

@@ -26,6 +26,8 @@ class DnC(FaultTolerantRule):
     """
 
     name = "dnc"
+    title = "Divide-and-Conquer"
+    short_title = "DnC"
 
     def __init__(
         self,

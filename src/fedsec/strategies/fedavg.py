@@ -33,6 +33,8 @@ class FedAvg(AggregationRule):
     """
 
     name = "fedavg"
+    title = "FedAvg"
+    short_title = "FedAvg"
     needs_individual_updates = False
     mean_like = True
 

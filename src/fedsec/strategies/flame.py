@@ -34,6 +34,8 @@ class Flame(AggregationRule):
     """
 
     name = "flame"
+    title = "FLAME"
+    short_title = "FLAME"
 
     def __init__(self, *, noise_lambda: float = 0.001, min_cluster_size: int | None = None):
         self.noise_lambda = self.float_option("noise_lambda", noise_lambda)

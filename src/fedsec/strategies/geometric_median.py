@@ -30,6 +30,8 @@ class GeometricMedian(AggregationRule):
     """
 
     name = "geometric_median"
+    title = "the geometric median (RFA)"
+    short_title = "Geometric median"
 
     def __init__(self, *, max_iterations: int = 10, nu: float = 1e-6, ftol: float = 1e-6):
         self.max_iterations = self.int_option("max_iterations", max_iterations, minimum=1)

@@ -46,11 +46,6 @@ def symmetric_distances(updates: torch.Tensor) -> torch.Tensor:
 
 @RULES.register()
 class Krum(FaultTolerantRule):
-    tolerates = "f with n > 2f + 2 (Blanchard et al. 2017)"
-
-    def min_updates(self, f: int) -> int:
-        return 2 * f + 3
-
     """Krum: keep the one update whose n - f - 2 nearest neighbours are closest (sum of squared
     distances), and use it as the round's update.
 
@@ -59,6 +54,12 @@ class Krum(FaultTolerantRule):
     """
 
     name = "krum"
+    title = "Krum"
+    short_title = "Krum"
+    tolerates = "f with n > 2f + 2 (Blanchard et al. 2017)"
+
+    def min_updates(self, f: int) -> int:
+        return 2 * f + 3
 
     def aggregate(self, updates: torch.Tensor, weights: torch.Tensor, ctx: RuleContext) -> RuleResult:
         n, f = updates.shape[0], self.malicious(ctx)
@@ -80,11 +81,6 @@ class Krum(FaultTolerantRule):
 
 @RULES.register()
 class MultiKrum(FaultTolerantRule):
-    tolerates = "f with n > 2f + 2 (Blanchard et al. 2017)"
-
-    def min_updates(self, f: int) -> int:
-        return 2 * f + 3
-
     """Multi-Krum: average the m updates with the lowest Krum scores (scores computed once).
 
     Options:
@@ -96,6 +92,12 @@ class MultiKrum(FaultTolerantRule):
     """
 
     name = "multi_krum"
+    title = "Multi-Krum"
+    short_title = "Multi-Krum"
+    tolerates = "f with n > 2f + 2 (Blanchard et al. 2017)"
+
+    def min_updates(self, f: int) -> int:
+        return 2 * f + 3
 
     def __init__(self, *, num_malicious: int | None = None, num_selected: int | None = None, weighted: bool = True):
         super().__init__(num_malicious=num_malicious)
@@ -128,11 +130,6 @@ class MultiKrum(FaultTolerantRule):
 
 @RULES.register()
 class Bulyan(FaultTolerantRule):
-    tolerates = "f with n >= 4f + 3 (El Mhamdi et al. 2018)"
-
-    def min_updates(self, f: int) -> int:
-        return 4 * f + 3
-
     """Bulyan: pick theta = n - 2f updates by applying Krum recursively (each pick removed from
     the pool, scores recomputed on what is left), then per coordinate average the
     beta = theta - 2f values closest to the median of the theta picks.
@@ -142,6 +139,12 @@ class Bulyan(FaultTolerantRule):
     """
 
     name = "bulyan"
+    title = "Bulyan"
+    short_title = "Bulyan"
+    tolerates = "f with n >= 4f + 3 (El Mhamdi et al. 2018)"
+
+    def min_updates(self, f: int) -> int:
+        return 4 * f + 3
 
     def aggregate(self, updates: torch.Tensor, weights: torch.Tensor, ctx: RuleContext) -> RuleResult:
         n, f = updates.shape[0], self.malicious(ctx)

@@ -22,6 +22,8 @@ class FLTrust(AggregationRule):
     """
 
     name = "fltrust"
+    title = "FLTrust"
+    short_title = "FLTrust"
     needs_root_data = True
 
     def aggregate(self, updates: torch.Tensor, weights: torch.Tensor, ctx: RuleContext) -> RuleResult:
@@ -72,6 +74,8 @@ class FoolsGold(AggregationRule):
     """
 
     name = "foolsgold"
+    title = "FoolsGold"
+    short_title = "FoolsGold"
     stateful = True
 
     def __init__(self, *, kappa: float = 1.0, use_history: bool = True):
