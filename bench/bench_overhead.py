@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 import fedsec  # noqa: E402
-from fedsec.federation.params import flatten_state, unflatten_state  # noqa: E402
-from fedsec.federation.training import predict, train_local  # noqa: E402
+from fedsec.core.params import flatten_state, unflatten_state  # noqa: E402
+from fedsec.core.training import predict, train_local  # noqa: E402
 from fedsec.scenario import load_scenario  # noqa: E402
 from fedsec.tasks import build_task  # noqa: E402
 

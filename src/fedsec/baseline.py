@@ -17,7 +17,7 @@ from fedsec.data.base import Split
 def centralised(scenario, epochs: int | None = None) -> dict:
     from dataclasses import replace
 
-    from fedsec.federation.training import evaluate, make_optimizer, train_local
+    from fedsec.core.training import evaluate, make_optimizer, train_local
     from fedsec.tasks import build_task
 
     torch.set_num_threads(max(1, int(scenario.engine.num_cpus)))

@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("items", nargs="*", metavar="SCENARIO|key=value")
     p.set_defaults(fn=cmd_validate)
 
-    from fedsec.report import add_report_parser
+    from fedsec.analysis.report import add_report_parser
     from fedsec.sweep import add_sweep_parser
 
     add_sweep_parser(sub)

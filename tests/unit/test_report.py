@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fedsec import report as rp
+from fedsec.analysis import report as rp
 from fedsec.sweep import collect_rows
 from tests.unit.test_sweep import make_fake_sweep
 
@@ -135,7 +135,7 @@ def test_threat_map_is_generated_from_the_presets():
     assert "## Still empty" in text and "`electrogram`" in text
     committed = (ROOT / "docs" / "threat-model.md").read_text()
     assert committed == text, ("docs/threat-model.md is out of date with attacks/ and strategies/: run "
-                               "`python -m fedsec.report --threat-map docs/threat-model.md`")
+                               "`python -m fedsec.analysis.report --threat-map docs/threat-model.md`")
 
 
 # ---- a real browser ---------------------------------------------------------------------------

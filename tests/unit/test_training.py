@@ -10,7 +10,7 @@ from torch import nn
 
 from fedsec.data.base import Split
 from fedsec.errors import FedsecError
-from fedsec.federation.training import train_local
+from fedsec.core.training import train_local
 from fedsec.scenario import LocalConfig, load_scenario
 
 

@@ -61,8 +61,8 @@ def _float_state(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 def flat_params(model: torch.nn.Module) -> torch.Tensor:
     """``Tensor[d]`` (float32): the float entries of ``model.state_dict()`` in order, flattened
-    (the layout the framework sends updates in: fedsec.federation.params)."""
-    from fedsec.federation.params import flatten_state
+    (the layout the framework sends updates in: fedsec.core.params)."""
+    from fedsec.core.params import flatten_state
 
     return flatten_state(model.state_dict()).cpu()
 

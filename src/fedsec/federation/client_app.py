@@ -94,8 +94,8 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train(mods=[secagg_mod, clipping_mod])
 def train(msg: Message, context: Context) -> Message:
-    from fedsec.federation.params import flatten_state, unflatten_state
-    from fedsec.federation.training import train_local
+    from fedsec.core.params import flatten_state, unflatten_state
+    from fedsec.core.training import train_local
 
     t0 = time.perf_counter()
     config = msg.content["config"]
@@ -158,7 +158,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Scores of the global model on this hospital's test patients. The per-patient scores
     (predictions, not inputs) go back so the server can compute exact metrics on the union."""
-    from fedsec.federation.training import predict
+    from fedsec.core.training import predict
 
     config = msg.content["config"]
     scenario, task, _, hospital, idx = load_context(config, context)

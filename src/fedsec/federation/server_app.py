@@ -30,7 +30,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from fedsec.attacks.base import AttackContext
 from fedsec.errors import FedsecError
 from fedsec.federation.adversary import AttackPlan, all_malicious
-from fedsec.federation.params import flatten_state, unflatten_state
+from fedsec.core.params import flatten_state, unflatten_state
 from fedsec.metrics import METRIC_KEYS, classification_metrics
 
 log = logging.getLogger("fedsec")
@@ -264,7 +264,7 @@ class FedsecStrategy(FedAvg):
         """FLTrust's server update: one local round on the server's small clean root set."""
         if getattr(self.rule, "name", "") != "fltrust":
             return None
-        from fedsec.federation.training import train_local
+        from fedsec.core.training import train_local
 
         task = self.server_task.task
         if task.data.root is None or len(task.data.root) == 0:

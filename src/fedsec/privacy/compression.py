@@ -103,7 +103,7 @@ def compress_update(global_vec: torch.Tensor, local_vec: torch.Tensor, config) -
 
 def compress_state(global_state: dict, local_state: dict, config) -> dict:
     """The same on model state dicts (float entries; integer buffers keep the local value)."""
-    from fedsec.federation.params import flatten_state, unflatten_state
+    from fedsec.core.params import flatten_state, unflatten_state
 
     out = unflatten_state(compress_update(flatten_state(global_state), flatten_state(local_state), config),
                           local_state)

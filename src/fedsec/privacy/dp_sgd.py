@@ -36,7 +36,7 @@ from functools import lru_cache
 import torch
 
 from fedsec.errors import FedsecError
-from fedsec.federation.training import epoch_range, step_limit
+from fedsec.core.training import epoch_range, step_limit
 from fedsec.privacy.options import choice, flag, number, option_error, parse_options
 from fedsec.registry import PRIVACY
 
@@ -247,7 +247,7 @@ def train_dp_sgd(model: torch.nn.Module, data, task, local, dp: DPConfig, *, gen
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
-    from fedsec.federation.training import make_optimizer
+    from fedsec.core.training import make_optimizer
 
     check_model(model, getattr(task, "model_name", "model"))
     p = plan(dp, len(data), local, planned_rounds)

@@ -1,0 +1,331 @@
+"""The attack x defense risk matrix and its one-line readings, from a sweep's rows."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from fedsec.analysis.runs import (
+    ADVERSARY_NOUNS,
+    CHANCE,
+    NO_ATTACK,
+    REFERENCE_DEFENSE,
+    _attack_cls,
+    _class_info,
+    _rule_cls,
+    _task_spec,
+)
+
+# --------------------------------------------------------------------------------------
+# Risk matrix: numbers
+# --------------------------------------------------------------------------------------
+
+
+def _mean(vals):
+    vals = [v for v in vals if v is not None]
+    return statistics.fmean(vals) if vals else None
+
+
+def _std(vals):
+    vals = [v for v in vals if v is not None]
+    return statistics.stdev(vals) if len(vals) > 1 else None
+
+
+def success_score(attack_metric: str | None, value: float | None, damage: float | None) -> float | None:
+    """Attack success in [0, 1] (see the module docstring)."""
+    def clip(v):
+        return max(0.0, min(1.0, v))
+
+    if attack_metric and value is not None:
+        if attack_metric in ("mia_auroc", "auroc_mean"):
+            return clip((value - 0.5) / 0.5)
+        if attack_metric == "psnr":
+            return clip((value - 10.0) / 20.0)
+        if attack_metric == "advantage_mean":
+            return clip(value)
+        return clip(value)  # asr, ssim, label_acc, records_recovered: already shares
+    return None if damage is None else clip(damage)
+
+
+@dataclass
+class MatrixCell:
+    attack: str
+    defense: str
+    n: int = 0
+    n_cells: int = 0
+    utility: float | None = None
+    utility_std: float | None = None
+    attack_metric: str | None = None
+    attack_value: float | None = None
+    attack_std: float | None = None
+    clean_utility: float | None = None  # same defense, no attack
+    damage: float | None = None  # share of skill above chance destroyed
+    success: float | None = None
+    cost: float | None = None  # defense's utility cost without attack, vs FedAvg
+    reference_utility: float | None = None  # FedAvg, same attack
+    reference_attack_value: float | None = None
+    threat: dict = field(default_factory=dict)
+    scenario: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+    reading: str = ""
+
+
+@dataclass
+class RiskMatrix:
+    row_key: str
+    col_key: str
+    metric: str
+    attacks: list[str]
+    defenses: list[str]
+    cells: dict[tuple[str, str], MatrixCell]
+    groups: list[tuple[str, list[str]]]  # (threat group label, attacks in it)
+    notes: list[str] = field(default_factory=list)
+
+
+def _scenario_of(row: dict) -> dict:
+    """The resolved scenario.yaml of a sweep row's run folder (cached on the row)."""
+    if "_scenario" not in row:
+        try:
+            row["_scenario"] = yaml.safe_load((Path(row["_dir"]) / "scenario.yaml").read_text()) or {}
+        except (KeyError, OSError, yaml.YAMLError):
+            row["_scenario"] = {}
+    return row["_scenario"]
+
+
+def _attack_label(scenario: dict) -> str:
+    return ",".join(str(a.get("preset") or a.get("attack")) for a in scenario.get("attacks") or []) or "none"
+
+
+def _defense_label(scenario: dict) -> str:
+    st = scenario.get("strategy") or "fedavg"
+    return str(st.get("preset") or st.get("rule")) if isinstance(st, dict) else str(st)
+
+
+def matrix_axes(keys: list[str], rows: str | None, cols: str | None) -> tuple[str | None, str | None, list[str]]:
+    """(attack axis, defense axis, grid keys averaged over). The attack axis is --rows or the
+    ``attacks`` grid key, the defense axis --cols or ``strategy``; a missing axis comes from the
+    runs' scenarios (one row / one column). With neither, the table's first two grid keys."""
+    from fedsec.sweep import default_axes
+
+    r = rows or ("attacks" if "attacks" in keys else None)
+    c = cols or ("strategy" if "strategy" in keys else None)
+    if r is None and c is None:
+        r, c = default_axes(keys, rows, cols)
+    averaged = [k for k in keys if k not in (r, c) and k != "seed"]
+    return r, c, averaged
+
+
+def _is_none(value) -> bool:
+    return str(value).strip().lower() in NO_ATTACK
+
+
+def _threat_group(threat: dict, is_reference: bool) -> str:
+    if is_reference:
+        return "reference: no attack"
+    parts = [str(threat.get(k) or "?").replace("_", " ") for k in ("domain", "adversary", "goal")]
+    return " · ".join(parts)
+
+
+def build_matrix(rows: list[dict], keys: list[str], row_key: str | None, col_key: str | None,
+                 metric: str) -> RiskMatrix:
+    """From sweep rows (fedsec.sweep.collect_rows) to the attack x defense matrix; seeds
+    (and grid keys other than rows / cols) are averaged."""
+    for r in rows:
+        sc = _scenario_of(r)
+        r["_attack"] = str(r.get(row_key)) if row_key else _attack_label(sc)
+        r["_defense"] = str(r.get(col_key)) if col_key else _defense_label(sc)
+    attacks = list(dict.fromkeys(r["_attack"] for r in rows))
+    defenses = list(dict.fromkeys(r["_defense"] for r in rows))
+    higher_better = metric != "loss"
+    chance = CHANCE.get(metric, 0.0)
+    cells: dict[tuple[str, str], MatrixCell] = {}
+    for a in attacks:
+        for d in defenses:
+            members = [r for r in rows if r["_attack"] == a and r["_defense"] == d]
+            if not members:
+                cells[(a, d)] = MatrixCell(a, d)
+                continue
+            ok = [r for r in members if r["status"] == "completed"]
+            c = MatrixCell(a, d, n=len(ok), n_cells=len(members))
+            c.utility, c.utility_std = _mean([r.get(metric) for r in ok]), _std([r.get(metric) for r in ok])
+            names = [r["attack_metric"] for r in ok if r.get("attack_metric")]
+            if names:
+                c.attack_metric = names[0]
+                vals = [r["attack_value"] for r in ok if r.get("attack_metric") == c.attack_metric]
+                c.attack_value, c.attack_std = _mean(vals), _std(vals)
+            first = (ok or members)[0]
+            c.summary = first.get("_summary") or {}
+            c.threat = dict(c.summary.get("threat_model") or {})
+            c.scenario = _scenario_of(first)
+            cells[(a, d)] = c
+    none_row = next((a for a in attacks if _is_none(a)), None)
+    ref_col = REFERENCE_DEFENSE if REFERENCE_DEFENSE in defenses else None
+    notes = []
+    if none_row is None:
+        notes.append(f"no '{row_key}=none' row: the damage of attacks without their own metric and the defenses' "
+                     "cost cannot be measured (add none to the grid)")
+    if ref_col is None:
+        notes.append("no 'fedavg' column: the defenses' cost is not measured against plain averaging")
+    for (a, d), c in cells.items():
+        clean = cells.get((none_row, d)) if none_row else None
+        c.clean_utility = clean.utility if clean else None
+        if c.clean_utility is not None and c.utility is not None and not _is_none(a):
+            drop = (c.clean_utility - c.utility) if higher_better else (c.utility - c.clean_utility)
+            skill = (c.clean_utility - chance) if higher_better else None
+            c.damage = drop / max(skill, 0.05) if skill is not None else drop
+        if none_row and ref_col:
+            base, mine = cells.get((none_row, ref_col)), cells.get((none_row, d))
+            if base and mine and base.utility is not None and mine.utility is not None:
+                c.cost = (base.utility - mine.utility) if higher_better else (mine.utility - base.utility)
+        if ref_col:
+            ref = cells.get((a, ref_col))
+            if ref:
+                c.reference_utility, c.reference_attack_value = ref.utility, ref.attack_value
+        c.success = None if _is_none(a) else success_score(c.attack_metric, c.attack_value, c.damage)
+    # group rows by the threat-model tags (domain, adversary, goal), the reference row first
+    groups: dict[str, list[str]] = {}
+    for a in attacks:
+        threat = next((cells[(a, d)].threat for d in defenses if cells[(a, d)].threat), {})
+        groups.setdefault(_threat_group(threat, _is_none(a)), []).append(a)
+    ordered = sorted(groups.items(), key=lambda kv: (not kv[0].startswith("reference"), kv[0]))
+    matrix = RiskMatrix(row_key or "attacks", col_key or "strategy", metric,
+                        [a for _, g in ordered for a in g], defenses,
+                        cells, ordered, notes)
+    for c in cells.values():
+        c.reading = reading(c, matrix)
+    return matrix
+
+
+# --------------------------------------------------------------------------------------
+# Risk matrix: one sentence per cell
+# --------------------------------------------------------------------------------------
+
+
+def defense_short(d: str) -> str:
+    """Column headers: ``Krum``, ``Median``."""
+    cls = _rule_cls(str(d))
+    return (cls and (cls.short_title or cls.title)) or str(d).replace("_", " ")
+
+
+def defense_name(d: str) -> str:
+    cls = _rule_cls(str(d))
+    return (cls and cls.title) or str(d).replace("_", " ")
+
+
+def _metric_name(metric: str) -> str:
+    return {"auroc": "AUROC", "balanced_accuracy": "balanced accuracy"}.get(metric, metric.replace("_", " "))
+
+
+def _inputs_noun(scenario: dict, domain: str | None) -> str:
+    spec = _task_spec((scenario.get("task") or {}).get("name"))
+    if spec is not None and spec.inputs != "inputs":
+        return spec.inputs
+    if domain == "ehr_prediction":
+        return "patient records"
+    if domain and domain.startswith("image"):
+        return "images"
+    return "inputs"
+
+
+def _subject(c: MatrixCell, hospital_names: list[str]) -> str:
+    adversary = c.threat.get("adversary")
+    if adversary in ADVERSARY_NOUNS:
+        return ADVERSARY_NOUNS[adversary]
+    mal: set[int] = set()
+    for a in c.scenario.get("attacks") or []:
+        mal.update(int(h) for h in a.get("hospitals") or [])
+    n_total = len(hospital_names) or len(c.summary.get("per_hospital") or {}) or None
+    names = [hospital_names[h] for h in sorted(mal) if h < len(hospital_names)]
+    who = f" ({', '.join(names)})" if names else ""
+    sees = " that sees the other hospitals' updates" if c.threat.get("knowledge") == "omniscient" else ""
+    if len(mal) <= 1:
+        return f"a single malicious hospital{who}{sees}"
+    of = f" of {n_total}" if n_total else ""
+    return f"{len(mal)}{of} hospitals, colluding{who}{sees},"
+
+
+def _other_class(scenario: dict, classes: list[str]) -> str | None:
+    """Binary tasks: the class a backdoor flips away from ('disease' when the target is 'no disease')."""
+    for a in scenario.get("attacks") or []:
+        t = a.get("target")
+        if isinstance(t, int) and not isinstance(t, bool) and len(classes) == 2 and t in (0, 1):
+            return f"'{classes[1 - t]}'"
+    return None
+
+
+def _target_class(scenario: dict, classes: list[str]) -> str | None:
+    for a in scenario.get("attacks") or []:
+        t = a.get("target")
+        if isinstance(t, int) and not isinstance(t, bool):
+            return f"'{classes[t]}'" if 0 <= t < len(classes) else f"class {t}"
+    return None
+
+
+def reading(c: MatrixCell, m: RiskMatrix) -> str:
+    """One sentence a clinician can follow, generated from the cell's numbers."""
+    metric = _metric_name(m.metric)
+    D = defense_name(c.defense) if m.col_key == "strategy" else f"{m.col_key}={c.defense}"
+    D_cap = D[0].upper() + D[1:]
+    if c.n == 0:
+        return f"{c.n_cells} run(s), none completed: no reading."
+    U = c.utility
+    if _is_none(c.attack):
+        text = f"No attack: with {D} the model reaches {metric} {U:.2f}"
+        if c.cost is not None and c.defense != REFERENCE_DEFENSE:
+            text += (f", {abs(c.cost):.2f} {'below' if c.cost > 0 else 'above'} FedAvg" if abs(c.cost) >= 0.005
+                     else ", as good as FedAvg")
+        return text + "."
+    classes, hospital_names = _class_info(c.scenario) if c.scenario else ([], [])
+    domain = c.threat.get("domain")
+    inputs = _inputs_noun(c.scenario, domain)
+    subject = _subject(c, hospital_names)
+    goal = c.threat.get("goal")
+    kind = _attack_impl(c.scenario)
+    target = _target_class(c.scenario, classes)
+    v = c.attack_value
+    if c.attack_metric == "asr" and v is not None:
+        verdict = "stops it" if v < 0.2 else ("only partly stops it" if v < 0.5 else "does not stop it")
+        other = _other_class(c.scenario, classes)
+        text = (f"{subject} plants a backdoor that flips {v:.0%} of triggered {other + ' ' if other else ''}{inputs}"
+                f"{f' to {target}' if target else ''}; {D} {verdict}")
+        if c.defense != REFERENCE_DEFENSE and c.reference_attack_value is not None:
+            text += f" (FedAvg: {c.reference_attack_value:.0%})"
+        text += f"; {metric} on clean {inputs} {U:.2f}."
+    elif c.attack_metric in ("mia_auroc", "auroc_mean") and v is not None:
+        text = (f"{subject} tells whether a patient's record was used for training with AUROC {v:.2f} "
+                f"(0.5 = guessing); with {D} the model's {metric} is {U:.2f}.")
+    elif c.attack_metric == "psnr" and v is not None:
+        quality = "recognisable" if v >= 20 else ("blurry" if v >= 13 else "unrecognisable")
+        text = (f"{subject} rebuilds a hospital's training {inputs} from what it sees of the updates at "
+                f"{v:.1f} dB PSNR ({quality}) with {D}; {metric} {U:.2f}.")
+    elif c.attack_metric == "records_recovered" and v is not None:
+        text = (f"{subject} recovers {v:.0%} of a hospital's training {inputs} from what it sees of the updates "
+                f"with {D}; {metric} {U:.2f}.")
+    else:
+        if kind == "label_flip":
+            action = f"relabels its {inputs}{f' as {target}' if target else ''}"
+        else:
+            cls = _attack_cls(kind or "")
+            action = (cls and cls.verb) or f"poisons its updates ({c.attack})"
+        if c.clean_utility is None:
+            text = f"{subject} {action}; with {D} {metric} is {U:.2f} (no no-attack run to compare)."
+        else:
+            dmg = c.damage or 0.0
+            if dmg < 0.1:
+                text = (f"{subject} {action}, but with {D} the model barely suffers: {metric} {U:.2f} "
+                        f"({c.clean_utility:.2f} without the attack).")
+            else:
+                how = "limits the damage" if dmg < 0.5 else "does not stop it"
+                text = (f"{subject} {action}: {metric} falls from {c.clean_utility:.2f} to {U:.2f} "
+                        f"({min(dmg, 1.0):.0%} of the skill above chance lost); {D} {how}.")
+    if goal == "confidentiality" and c.attack_metric is None:
+        text = f"{subject} attacks confidentiality ({c.attack}) but recorded no leakage metric; {metric} {U:.2f}."
+    return text[0].upper() + text[1:] if text else D_cap
+
+
+def _attack_impl(scenario: dict) -> str | None:
+    attacks = scenario.get("attacks") or []
+    return str(attacks[0].get("attack")) if attacks else None
