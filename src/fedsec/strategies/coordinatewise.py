@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedsec.strategies.base import AggregationRule, RuleContext, RuleResult
+from fedsec.strategies.base import AggregationRule, FaultTolerantRule, RuleContext, RuleResult
 
 # Bytes of one [n, c] column block. np.partition works on a copy of its input: block by block
 # that copy stays in cache (L2 is 2 MiB per core here) instead of being a second [n, d]
@@ -154,31 +154,53 @@ class Median(AggregationRule):
         return RuleResult(update=coordinate_median(updates))
 
 
-class TrimmedMean(AggregationRule):
+class TrimmedMean(FaultTolerantRule):
     """Coordinate-wise trimmed mean (Yin et al., ICML 2018): per coordinate, drop the k largest
     and k smallest values, average the rest. Sample counts are ignored.
 
+    k must be at least f, the number of Byzantine hospitals (Yin et al.'s condition beta >=
+    alpha): with fewer, an attacker's value survives the trimming in every coordinate it
+    pushes. With 8 hospitals and 2 attackers, Flower's beta = 0.2 trims floor(1.6) = 1: the
+    attackers' values reached 1.67e5 per coordinate of the aggregate, against 0.005 with
+    trim 2 (issue 13).
+
     Options:
-        beta: fraction trimmed from each end, k = floor(beta * n) (as Flower's FedTrimmedAvg
-            and scipy.stats.trim_mean). Default 0.2.
-        trim: k itself; overrides beta when given. Default None.
+        num_malicious: f, default None (the scenario's number of malicious hospitals).
+        trim: k, default None = f. A k below f is refused.
+        beta: a fraction instead, k = floor(beta * n) (as Flower's FedTrimmedAvg and
+            scipy.stats.trim_mean), default None; refused in a round where it trims fewer
+            than f. ``trim`` wins when both are given.
     """
 
     name = "trimmed_mean"
 
-    def __init__(self, *, beta: float = 0.2, trim: int | None = None):
-        self.beta = self.float_option("beta", beta)
-        if self.beta >= 0.5:
+    def __init__(self, *, num_malicious: int | None = None, trim: int | None = None, beta: float | None = None):
+        super().__init__(num_malicious=num_malicious)
+        self.beta = self.float_option("beta", beta, allow_none=True)
+        if self.beta is not None and self.beta >= 0.5:
             raise self.fail(f"option 'beta' must be in [0, 0.5) (the fraction cut from each end), got {beta}")
         self.trim = self.int_option("trim", trim, allow_none=True)
 
-    def trim_count(self, n: int) -> int:
-        """k, the number of values cut from each end of each coordinate when n rows come in."""
-        k = self.trim if self.trim is not None else int(self.beta * n)
+    def trim_count(self, n: int, f: int = 0) -> int:
+        """k, the number of values cut from each end of each coordinate when n rows come in
+        and f of the hospitals may be Byzantine."""
+        if self.trim is not None:
+            k, key = self.trim, "trim"
+        elif self.beta is not None:
+            k, key = int(self.beta * n), "beta"
+        else:
+            k, key = f, None
+        if k < f:
+            given = f"trim = {k}" if key == "trim" else f"beta = {self.beta:g} trims floor({self.beta:g} * {n}) = {k}"
+            raise self.fail(
+                f"option '{key}': {given} values at each end, fewer than the f = {f} malicious hospitals it must "
+                f"tolerate (Yin et al. 2018 need trim >= f, or an attacker's value survives in every "
+                f"coordinate); set trim: {f} or more, or leave trim and beta unset (trim = f)"
+            )
         if n - 2 * k < 1:
             raise self.fail(f"cannot cut {k} values from each end of {n} updates: needs n - 2*trim >= 1")
         return k
 
     def aggregate(self, updates: torch.Tensor, weights: torch.Tensor, ctx: RuleContext) -> RuleResult:
-        k = self.trim_count(updates.shape[0])
+        k = self.trim_count(updates.shape[0], self.malicious(ctx))
         return RuleResult(update=coordinate_trimmed_mean(updates, k), info={"trim": k})
