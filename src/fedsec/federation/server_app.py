@@ -140,6 +140,7 @@ class FedsecStrategy(FedAvg):
         self._global = arrays
         config["server-round"] = r
         self._selected = self._select(r, self.fraction_train, 1)
+        config["train-hospitals"] = list(self._selected)  # the round's participants (model replacement's n)
         return self._messages(self._selected, arrays, config, MessageType.TRAIN)
 
     def _check(self, server_round: int, replies, is_train: bool, expected: list[int]):
