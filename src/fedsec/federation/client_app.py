@@ -126,10 +126,11 @@ def train(msg: Message, context: Context) -> Message:
     privacy = scenario.privacy
     dp_metrics: dict = {}
     if privacy.dp_sgd:  # record-level DP: Opacus, epsilon from this hospital's history
-        from fedsec.privacy.dp_sgd import DPConfig, count_participation, train_dp_sgd
+        from fedsec.privacy.dp_sgd import DPConfig, charged_before, count_participation, train_dp_sgd
 
+        charged = count_participation(context.state, server_round, charged_before(config, hospital))
         res = train_dp_sgd(model, data, task, scenario.federation.local, DPConfig.parse(privacy.dp_sgd),
-                           generator=generator, participations=count_participation(context.state, server_round),
+                           generator=generator, participations=charged,
                            planned_rounds=scenario.federation.rounds, device=device)
         stats, dp_metrics = {"loss": res.loss, "steps": res.steps}, res.metrics()
     else:
