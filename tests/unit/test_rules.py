@@ -592,6 +592,22 @@ def test_every_rule_survives_one_finite_update_of_norm_1e22(name):
     _check_huge(name, res, x, benign, w)
 
 
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_every_rule_stays_finite_with_two_updates_at_the_float32_maximum(name):
+    # f = 2 of 11: both attackers send 3.4e38 in every coordinate (norm 4.8e39), so even a
+    # float32 sum of two of their values overflows.
+    g = torch.Generator().manual_seed(28)
+    benign = 0.1 * torch.randn(200, generator=g) + 0.5 * torch.randn(9, 200, generator=g)
+    big = torch.full((2, 200), torch.finfo(torch.float32).max)
+    x = torch.cat([benign, big])
+    res = make_rule(name)(x, ones(11), ctx(root_update=benign.mean(0), num_malicious=2, client_ids=list(range(11))))
+    assert bool(torch.isfinite(res.update).all()), name
+    if name not in ("fedavg", "foolsgold"):  # the two rules that do not bound magnitudes
+        mean = benign.double().mean(0)
+        radius = float((benign.double() - mean).norm(dim=1).max())
+        assert float((res.update.double() - mean).norm()) <= radius, name
+
+
 def _preset(name: str) -> dict:
     import yaml
     from pathlib import Path

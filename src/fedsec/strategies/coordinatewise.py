@@ -58,8 +58,9 @@ def _median_of_block(block: torch.Tensor) -> torch.Tensor:
     part = partition_at(block, upper)
     if n % 2:
         return part[upper]
-    # The lower middle value is the largest of the n/2 values below the upper one.
-    return (part[:upper].amax(dim=0) + part[upper]) / 2
+    # The lower middle value is the largest of the n/2 values below the upper one. Halved
+    # before the sum (exact in binary floating point): two values near 3.4e38 would sum to inf.
+    return part[:upper].amax(dim=0) / 2 + part[upper] / 2
 
 
 def _trimmed_mean_of_block(block: torch.Tensor, trim: int) -> torch.Tensor:
@@ -89,8 +90,8 @@ def coordinate_trimmed_mean(updates: torch.Tensor, trim: int) -> torch.Tensor:
     would wipe out every benign digit in that subtraction.
     """
     n = updates.shape[0]
-    if trim == 0:
-        return updates.mean(dim=0)
+    if trim == 0:  # each row scaled before the sum, so that finite rows cannot sum to inf
+        return torch.full((n,), 1.0 / n, dtype=updates.dtype, device=updates.device) @ updates
     out = torch.empty(updates.shape[1], dtype=updates.dtype, device=updates.device)
     for cols, block in column_blocks(updates):
         out[cols] = _trimmed_mean_of_block(block, trim)
@@ -113,7 +114,7 @@ def _mean_around_median_of_block(block: torch.Tensor, keep: int) -> torch.Tensor
     # they are among the `drop` smallest and the `drop` largest: partition, then choose among
     # those 2*drop candidates only (1.7x faster here than topk over all m rows).
     part = partition_at(block, half)  # rows < half: the smaller half; row half: upper middle
-    med = part[half] if m % 2 else (part[:half].amax(dim=0) + part[half]) / 2
+    med = part[half] if m % 2 else part[:half].amax(dim=0) / 2 + part[half] / 2
     lower = partition_at(part[:half], drop - 1)  # rows < drop: the drop smallest
     upper = partition_at(part[half:], m - half - drop)  # last drop rows: the drop largest
     candidates = torch.cat([lower[:drop], upper[m - half - drop :]])
