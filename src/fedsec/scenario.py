@@ -488,6 +488,12 @@ def validate(s: Scenario, file: str = "<scenario>") -> None:
         f = s.strategy.get("num_malicious")
         if f is not None and n is not None and int(f) >= n:
             err("strategy.num_malicious", f"{f} malicious hospitals out of {n}: must be fewer than the hospitals")
+        # Trimmed mean: trim >= f (Yin et al. 2018). Checked again each round by the rule, which
+        # also knows the hospitals drawn by 'fraction'; here, before anything starts.
+        trim, known = s.strategy.get("trim"), len(s.malicious_hospitals()) if f is None else int(f)
+        if s.strategy.get("rule") == "trimmed_mean" and isinstance(trim, int) and trim < known:
+            err("strategy.trim", f"trims {trim} values at each end, fewer than the f = {known} malicious "
+                                 f"hospitals; set trim >= {known}, or leave it unset (trim = f)")
     _validate_threat_model(s, err)
 
 

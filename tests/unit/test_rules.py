@@ -732,3 +732,17 @@ def test_nan_or_negative_sample_counts_are_refused_naming_the_hospital(name, bad
         make_rule(name)(x, w, ctx(client_ids=[10, 11, 12]))
     with pytest.raises(FedsecError, match=r"got row 1: "):
         make_rule(name)(x, w)
+
+
+def test_a_scenario_trimming_fewer_than_its_attackers_is_refused_before_it_runs():
+    from pathlib import Path
+
+    from fedsec.errors import ScenarioError
+    from fedsec.scenario import load_scenario
+
+    heart = str(Path(__file__).resolve().parents[2] / "scenarios" / "heart_fedavg.yaml")
+    attacks = "attacks=[{preset: gaussian, hospitals: [2, 3]}]"
+    with pytest.raises(ScenarioError, match=r"key 'strategy.trim': trims 1 values at each end, fewer than the f = 2"):
+        load_scenario(heart, ["strategy={rule: trimmed_mean, trim: 1}", attacks])
+    load_scenario(heart, ["strategy={preset: trimmed_mean}", attacks])  # trim = f by default
+    load_scenario(heart, ["strategy={rule: trimmed_mean, trim: 1}", "attacks=[{preset: gaussian, hospitals: [3]}]"])
