@@ -192,6 +192,15 @@ def test_ledger_keeps_every_round_and_its_maximum():
     assert out["epsilon_max"] == 1.9  # b's, although b did not train in the last round
     assert out["epsilon"] == {"a": 1.4, "b": 1.9, "c": 1.5}
     assert summarise([{"round": 1}]) is None
+    # b selected in rounds 4 and 5 without a counted reply (crash, timeout): it may have
+    # trained, so a node that lost its state is told 2 + 2 rounds; a counted reply resets that.
+    records += [{"round": 4, "selected": ["a", "b"], "privacy": {"dp_sgd": {"epsilon": {"a": 1.6}, "rounds": {"a": 3}}}},
+                {"round": 5, "selected": ["b"], "privacy": {"dp_sgd": {"epsilon": {}}}}]
+    ledger = EpsilonLedger.from_rounds(records)
+    assert ledger.charged(["a", "b", "c"]) == [3, 4, 1]
+    assert summarise(records)["unconfirmed_rounds"] == {"b": 2}
+    ledger.record_round(6, ["b"], {"b": {"dp-epsilon": 2.5, "dp-rounds": 5}})
+    assert ledger.charged(["b"]) == [5] and ledger.epsilon_max() == 2.5
 
 
 def test_explicit_delta_must_be_below_one_over_n():

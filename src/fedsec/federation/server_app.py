@@ -193,11 +193,10 @@ class FedsecStrategy(FedAvg):
             "attack": {}, "defense": {},
         }
         if self._dp_ledger is not None:  # DP-SGD: trained hospitals' cumulative epsilon; the ledger's max
-            trained = [(self._name(h), c["metrics"]) for h, c in zip(ids, contents) if "dp-epsilon" in c["metrics"]]
-            for name, m in trained:
-                self._dp_ledger.record(r, name, m)
+            trained = {self._name(h): c["metrics"] for h, c in zip(ids, contents) if "dp-epsilon" in c["metrics"]}
+            self._dp_ledger.record_round(r, [self._name(h) for h in self._selected], trained)
             self.add_round_info("privacy", {"dp_sgd": self._dp_ledger.round_block(
-                {name: self._dp_ledger.entries[name] for name, _ in trained})})
+                {name: self._dp_ledger.entries[name] for name in trained})})
         server_hooks = [p for p in self.plans if p.active(r) and (p.has("collude") or p.has("observe"))]
         if self.rule is None and not server_hooks:
             arrays = aggregate_arrayrecords(contents, self.weighted_by_key)

@@ -219,10 +219,28 @@ class EpsilonLedger:
     For each hospital that has trained: its latest cumulative epsilon, delta, noise multiplier,
     the number of rounds it was charged for and the last round it trained in. A hospital's
     entry only moves in a round it trains in. Rebuilt from ``rounds.jsonl`` on ``--resume``.
+
+    A hospital selected in a round whose reply did not count (a crash, a timeout, a diverged
+    update) may or may not have trained: such rounds since its last counted reply are kept as
+    ``unconfirmed`` and added to what the server tells the hospital it has spent
+    (:meth:`charged`), so that a node that lost its own state (``--resume``) is never
+    undercharged. The hospital's own state, when it has one, is exact and its next counted
+    reply resets them.
     """
 
     def __init__(self):
         self.entries: dict[str, dict] = {}
+        self.unconfirmed: dict[str, int] = {}
+
+    def record_round(self, server_round: int, selected, trained: dict) -> None:
+        """One round: ``selected`` hospital names, ``trained`` = name -> reply metrics for the
+        hospitals whose reply counted."""
+        for hospital, metrics in trained.items():
+            self.record(server_round, hospital, metrics)
+            self.unconfirmed.pop(hospital, None)
+        for hospital in selected:
+            if hospital not in trained:
+                self.unconfirmed[hospital] = self.unconfirmed.get(hospital, 0) + 1
 
     def record(self, server_round: int, hospital: str, metrics) -> None:
         """One trained hospital's reply metrics (``DPTrainResult.metrics()``) in ``server_round``."""
@@ -240,18 +258,21 @@ class EpsilonLedger:
         ledger = cls()
         for rec in records:
             block = (rec.get("privacy") or {}).get("dp_sgd") or {}
+            trained = {}
             for hospital, eps in (block.get("epsilon") or {}).items():
                 metrics = {"dp-epsilon": eps}
                 for name, key in (("delta", "dp-delta"), ("noise_multiplier", "dp-noise-multiplier"),
                                   ("rounds", "dp-rounds")):
                     if hospital in (block.get(name) or {}):
                         metrics[key] = block[name][hospital]
-                ledger.record(int(rec.get("round", 0)), hospital, metrics)
+                trained[hospital] = metrics
+            ledger.record_round(int(rec.get("round", 0)), rec.get("selected") or list(trained), trained)
         return ledger
 
     def charged(self, hospitals: list[str]) -> list[int]:
-        """Rounds charged so far, one int per hospital id (0 for one that never trained)."""
-        return [int(self.entries.get(h, {}).get("rounds", 0)) for h in hospitals]
+        """Rounds charged so far, one int per hospital id: counted replies' rounds plus the
+        unconfirmed rounds since (0 for a hospital never selected)."""
+        return [int(self.entries.get(h, {}).get("rounds", 0)) + self.unconfirmed.get(h, 0) for h in hospitals]
 
     def epsilon_max(self) -> float:
         return max((e["epsilon"] for e in self.entries.values()), default=0.0)
@@ -270,11 +291,14 @@ class EpsilonLedger:
 
     def summary(self) -> dict:
         """``summary.json``'s ``privacy.dp_sgd``: the ledger per hospital and its maximum."""
-        return {
+        out = {
             "epsilon_max": self.epsilon_max(),
             "epsilon": {h: e["epsilon"] for h, e in sorted(self.entries.items())},
             "ledger": {h: dict(e) for h, e in sorted(self.entries.items())},
         }
+        if self.unconfirmed:  # selected since their last counted reply, without one
+            out["unconfirmed_rounds"] = dict(sorted(self.unconfirmed.items()))
+        return out
 
 
 def summarise(records) -> dict | None:
