@@ -66,6 +66,13 @@ def build_summary(scenario, run_dir: RunDir, status: str, t0: float, error: str 
     last = rounds[-1] if rounds else {}
     wall = time.perf_counter() - t0
     rounds_s = sum(r.get("time_s", 0.0) for r in rounds)
+    privacy = dict(last.get("privacy", {}))
+    if any("dp_sgd" in r.get("privacy", {}) for r in rounds):
+        from fedsec.privacy.dp_sgd import summarise
+
+        # Every round, not the last one's hospitals: with fraction_train < 1 the largest epsilon
+        # may belong to a hospital that did not train in the last round.
+        privacy["dp_sgd"] = summarise(rounds)
     return {
         "status": status,
         "scenario": scenario.name,
@@ -76,7 +83,7 @@ def build_summary(scenario, run_dir: RunDir, status: str, t0: float, error: str 
         "per_hospital": last.get("per_hospital", {}),
         "attack": last.get("attack", {}),
         "defense": last.get("defense", {}),
-        "privacy": last.get("privacy", {}),
+        "privacy": privacy,
         "threat_model": derived_threat_model(scenario),
         "timing": {"wall_s": wall, "startup_s": max(wall - rounds_s, 0.0), "rounds_s": rounds_s,
                    "mean_round_s": rounds_s / len(rounds) if rounds else None},

@@ -881,6 +881,10 @@ def _validate_strategy(s: Scenario, n: int | None, malicious: int, err, rekey) -
         if f >= n:
             err("strategy.num_malicious", f"{f} malicious hospitals out of {n}: must be fewer than the hospitals")
         m = hospitals_per_round(s, n)
+        try:
+            rule.check(f, m)
+        except ScenarioError as e:
+            rekey(e, "strategy")
         need = rule.min_updates(f)
         if m < need:
             key = "strategy.num_malicious" if options.get("num_malicious") is not None else "strategy"

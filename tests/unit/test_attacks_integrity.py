@@ -180,6 +180,16 @@ def test_scaling_multiplies_the_update_by_gamma():
         make_attack("scaling").poison_update(glob, local, ctx())
 
 
+def test_model_replacement_boost_counts_the_rounds_participants():
+    # fraction_train 0.5: 5 of 10 hospitals train, 1 of the 2 attackers among them. FedAvg
+    # averages over the 5, so the boost that replaces the model is 5 / 1, not 10 / 2.
+    glob, local = _params()
+    round_ctx = ctx(num_hospitals=10, malicious=[1, 4], participants=[0, 1, 3, 6, 8])
+    for attack in (make_attack("scaling"), make_attack("badnets", boost="auto")):
+        out = attack.poison_update(glob, local, round_ctx)
+        torch.testing.assert_close(out - glob, 5.0 * (local - glob))
+
+
 def test_sign_flip_reverses_the_update():
     glob, local = _params()
     out = make_attack("sign_flip", scale=2.0).poison_update(glob, local, ctx())

@@ -160,3 +160,122 @@ def test_fixed_steps_per_round_are_taken_and_accounted():
     acc.history = [(1.3, 0.1, 50)]
     assert res.epsilon == pytest.approx(acc.get_epsilon(delta=1e-3), rel=1e-12)
     assert plan(DPConfig.parse({"noise_multiplier": 1.3}), 40, replace(LOCAL, steps=25), 10).steps_per_round == 25
+
+
+def test_a_hospital_is_charged_only_for_the_rounds_it_trained_in():
+    # Fresh run: the server's ledger says 0 rounds so far, so a first selection in round 3
+    # is charged 1 round, not 3 (the old "every earlier round" upper bound).
+    state = RecordDict()
+    assert count_participation(state, 3, charged_before=0) == 1
+    assert count_participation(state, 5, charged_before=1) == 2  # not selected in round 4
+    # Resumed run: the node's state is gone; the server's ledger (from rounds.jsonl) says 2.
+    assert count_participation(RecordDict(), 7, charged_before=2) == 3
+    # A reply the server lost still counts in the node's own state: the larger count wins.
+    state = RecordDict()
+    for r in (1, 2, 3):
+        count_participation(state, r, charged_before=0)
+    assert count_participation(state, 4, charged_before=1) == 4
+
+
+def test_ledger_keeps_every_round_and_its_maximum():
+    from fedsec.privacy.dp_sgd import EpsilonLedger, summarise
+
+    records = [
+        {"round": 1, "privacy": {"dp_sgd": {"epsilon": {"a": 1.0, "b": 1.2}, "rounds": {"a": 1, "b": 1}}}},
+        {"round": 2, "privacy": {"dp_sgd": {"epsilon": {"b": 1.9, "c": 1.5}, "rounds": {"b": 2, "c": 1}}}},
+        {"round": 3, "privacy": {"dp_sgd": {"epsilon": {"a": 1.4}, "rounds": {"a": 2}}}},
+    ]
+    ledger = EpsilonLedger.from_rounds(records)
+    assert {h: e["epsilon"] for h, e in ledger.entries.items()} == {"a": 1.4, "b": 1.9, "c": 1.5}
+    assert ledger.entries["b"]["last_round"] == 2 and ledger.charged(["a", "b", "c", "d"]) == [2, 2, 1, 0]
+    out = summarise(records)
+    assert out["epsilon_max"] == 1.9  # b's, although b did not train in the last round
+    assert out["epsilon"] == {"a": 1.4, "b": 1.9, "c": 1.5}
+    assert summarise([{"round": 1}]) is None
+    # b selected in rounds 4 and 5 without a counted reply (crash, timeout): it may have
+    # trained, so a node that lost its state is told 2 + 2 rounds; a counted reply resets that.
+    records += [{"round": 4, "selected": ["a", "b"], "privacy": {"dp_sgd": {"epsilon": {"a": 1.6}, "rounds": {"a": 3}}}},
+                {"round": 5, "selected": ["b"], "privacy": {"dp_sgd": {"epsilon": {}}}}]
+    ledger = EpsilonLedger.from_rounds(records)
+    assert ledger.charged(["a", "b", "c"]) == [3, 4, 1]
+    assert summarise(records)["unconfirmed_rounds"] == {"b": 2}
+    ledger.record_round(6, ["b"], {"b": {"dp-epsilon": 2.5, "dp-rounds": 5}})
+    assert ledger.charged(["b"]) == [5] and ledger.epsilon_max() == 2.5
+
+
+def test_explicit_delta_must_be_below_one_over_n():
+    from fedsec.privacy.dp_sgd import check_delta
+
+    dp = DPConfig.parse({"noise_multiplier": 1.0, "delta": 1e-3})
+    check_delta(dp, {"cleveland": 199, "va": 120})  # 1e-3 < 1/199
+    # The CXR privacy table's case: delta 1e-3 with 1,177 records (1/N = 8.5e-4).
+    with pytest.raises(FedsecError, match=r"privacy\.dp_sgd\.delta: 0\.001 is not below 1/N for site-a \(N = 1177, "
+                                          r"1/N = 0\.00085\).*delta < 0\.00085"):
+        check_delta(dp, {"site-a": 1177, "site-b": 900})
+    check_delta(DPConfig.parse({"noise_multiplier": 1.0}), {"site-a": 10**6})  # default: min(1e-3, N^-1.1)
+
+
+def test_explicit_delta_too_large_stops_the_run_before_training(tmp_path, capsys):
+    from pathlib import Path
+
+    from fedsec.cli import main
+
+    heart = Path(__file__).resolve().parents[2] / "scenarios" / "heart_fedavg.yaml"
+    code = main(["run", str(heart), "privacy.dp_sgd={noise_multiplier: 1.0, delta: 0.01}", "--out", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "privacy.dp_sgd.delta: 0.01 is not below 1/N for" in err
+    assert not (tmp_path / "rounds.jsonl").exists()
+
+
+@pytest.mark.ray
+def test_ray_accounting_with_half_the_hospitals_per_round(tmp_path):
+    """Heart, 4 hospitals, fraction_train 0.5, seed 0: rounds 1-4 train {switzerland, va},
+    {switzerland, va}, {cleveland, switzerland}, {hungary, va}. The run stops after round 2 and
+    is resumed to round 4 (the nodes' state is then new: the server's ledger, rebuilt from
+    rounds.jsonl, tells them what they have spent)."""
+    import json
+    from pathlib import Path
+
+    import fedsec
+    from fedsec.scenario import load_scenario
+    from fedsec.tasks import build_task
+
+    heart = str(Path(__file__).resolve().parents[2] / "scenarios" / "heart_fedavg.yaml")
+    over = ["federation.fraction_train=0.5", "federation.fraction_evaluate=1.0", "seed=0",
+            "privacy.dp_sgd={noise_multiplier: 1.0}"]
+    fedsec.run(heart, overrides=over + ["federation.rounds=2"], out=tmp_path, progress=False)
+    summary = fedsec.run(None, overrides=["federation.rounds=4"], resume=tmp_path, progress=False)
+    rounds = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    assert [sorted(r["selected"]) for r in rounds] == [["switzerland", "va"], ["switzerland", "va"],
+                                                      ["cleveland", "switzerland"], ["hungary", "va"]]
+
+    # Independently: hospital h after k rounds of training has Opacus's epsilon for k rounds.
+    scenario = load_scenario(heart, over + ["federation.rounds=4"])
+    task = build_task(scenario)
+    dp = DPConfig.parse({"noise_multiplier": 1.0})
+    sizes = dict(zip(task.data.hospitals, (len(s) for s in task.data.train)))
+
+    def expected(h, k):
+        p = plan(dp, sizes[h], scenario.federation.local, 4)
+        return epsilon(p.noise_multiplier, p.sample_rate, p.steps_per_round * k, p.delta)
+
+    trained_so_far = {h: 0 for h in sizes}
+    ledger = {}
+    for rec in rounds:
+        block = rec["privacy"]["dp_sgd"]
+        assert set(block["epsilon"]) == set(rec["selected"])  # only the round's hospitals move
+        for h in rec["selected"]:
+            trained_so_far[h] += 1
+            assert block["rounds"][h] == trained_so_far[h]
+            assert block["epsilon"][h] == pytest.approx(expected(h, trained_so_far[h]), rel=1e-9)
+            ledger[h] = block["epsilon"][h]
+        assert block["epsilon_max"] == pytest.approx(max(ledger.values()), rel=1e-12)
+    # cleveland first trains in round 3: charged 1 round, not 3.
+    assert rounds[2]["privacy"]["dp_sgd"]["rounds"]["cleveland"] == 1
+    dp_summary = summary["privacy"]["dp_sgd"]
+    assert dp_summary["epsilon"] == pytest.approx(ledger, rel=1e-12)
+    assert dp_summary["epsilon_max"] == pytest.approx(max(ledger.values()), rel=1e-12)
+    assert {h: e["rounds"] for h, e in dp_summary["ledger"].items()} == trained_so_far
+    # ... which is switzerland's from round 3, above anything the last round's hospitals reached.
+    assert dp_summary["epsilon_max"] > max(rounds[-1]["privacy"]["dp_sgd"]["epsilon"].values())

@@ -218,7 +218,7 @@ def test_geometric_median_of_a_quadrilateral_is_where_the_diagonals_cross():
     # For four points in convex position the geometric median is the diagonals' crossing:
     # (0,0)-(3,3) is y = x, (4,0)-(0,1) is y = 1 - x/4, so (0.8, 0.8).
     x = T([[0.0, 0.0], [4.0, 0.0], [3.0, 3.0], [0.0, 1.0]], dtype=torch.float64)
-    res = make_rule("geometric_median", max_iterations=2000, ftol=0.0, nu=1e-12)(x, ones(4))
+    res = make_rule("geometric_median", max_iterations=2000, tol=0.0, nu=1e-12)(x, ones(4))
     assert res.update.tolist() == pytest.approx([0.8, 0.8], abs=1e-4)
 
 
@@ -228,7 +228,7 @@ def test_geometric_median_ignores_a_far_outlier_and_uses_weights():
     assert float(out.norm()) < 3.0
     # Collinear 0, 1, 10 with weights 1, 1, 3: the weighted median point is 10.
     line = T([[0.0], [1.0], [10.0]], dtype=torch.float64)
-    out = make_rule("geometric_median", max_iterations=500, ftol=0.0)(line, T([1.0, 1.0, 3.0])).update
+    out = make_rule("geometric_median", max_iterations=500, tol=0.0)(line, T([1.0, 1.0, 3.0])).update
     assert out.item() == pytest.approx(10.0, abs=1e-3)
 
 
@@ -449,7 +449,7 @@ def test_unknown_rule_suggests_the_closest_name():
 
 
 def test_unknown_option_names_it_and_lists_the_valid_ones():
-    expected = r"no option 'betta' \(did you mean 'beta'\?\); options: beta, trim"
+    expected = r"no option 'betta' \(did you mean 'beta'\?\); options: num_malicious, trim, beta"
     with pytest.raises(FedsecError, match=expected):
         make_rule("trimmed_mean", betta=0.1)
     with pytest.raises(FedsecError, match="'median' has no option 'trim'; options: none"):
@@ -497,3 +497,252 @@ def test_bad_option_values_are_rejected_with_the_rule_named(name, options, match
 def test_fltrust_without_a_root_update_says_what_is_missing():
     with pytest.raises(FedsecError, match="root_update"):
         make_rule("fltrust")(torch.randn(3, 4), ones(3))
+
+
+# ---- one finite but enormous update (issue 13) --------------------------------------------
+
+
+def _huge_round(norm: float, n_benign: int = 8, d: int = 200, seed: int = 21):
+    """n_benign rows around a common direction and one attacker row of L2 norm ``norm``
+    (float32, all finite) pointing in a random direction."""
+    g = torch.Generator().manual_seed(seed)
+    mu = 0.1 * torch.randn(d, generator=g)
+    benign = mu + 0.5 * torch.randn(n_benign, d, generator=g)
+    direction = torch.randn(d, generator=g, dtype=torch.float64)
+    attack = (direction / direction.norm() * norm).float()
+    assert bool(torch.isfinite(attack).all())
+    return torch.cat([benign, attack[None]]), benign
+
+
+def _exact_geometric_median(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A reference independent of the rule's coefficient algebra: plain Weiszfeld in float64
+    over the d coordinates, from the benign mean, until the iterate stops moving in float64."""
+    x, w = x.double(), w.double() / w.sum()
+    v = x[:-1].mean(0)
+    for _ in range(100000):
+        dist = (x - v).norm(dim=1).clamp(min=1e-300)
+        beta = w / dist
+        new = beta @ x / beta.sum()
+        if float((new - v).norm()) <= 1e-15 * float(dist.median()):
+            return new
+        v = new
+    raise AssertionError("reference Weiszfeld did not converge")
+
+
+def _in_benign_box(out: torch.Tensor, benign: torch.Tensor) -> bool:
+    """Each coordinate inside [min, max] of the benign rows' values (float32 slack)."""
+    lo, hi = benign.min(0).values, benign.max(0).values
+    slack = 1e-5 * (hi - lo).abs().max()
+    return bool(((out >= lo - slack) & (out <= hi + slack)).all())
+
+
+def _check_huge(name: str, res, x: torch.Tensor, benign: torch.Tensor, w: torch.Tensor) -> None:
+    """What each rule promises when one of nine updates is arbitrary (f = 1).
+
+    radius: the largest distance of a benign update to the benign mean. A defense "holds" if
+    the attacker moves its output by less than the benign updates already disagree.
+    """
+    out = res.update.double()
+    mean = benign.double().mean(0)
+    radius = float((benign.double() - mean).norm(dim=1).max())
+    attacker = x.shape[0] - 1
+    off = float((out - mean).norm())
+    if name == "fedavg":
+        # No defense: the exact weighted mean, attacker included (finite, not NaN or inf).
+        torch.testing.assert_close(out, (w.double() / w.sum()) @ x.double(), rtol=1e-5, atol=0.0)
+    elif name == "foolsgold":
+        # FoolsGold judges directions, never magnitudes: the weights must be those of the same
+        # directions at a harmless scale (before the fix, float32 overflow zeroed every one),
+        # and the output exactly sum w_i u_i / n.
+        small = x.clone()
+        small[attacker] = small[attacker] / small[attacker].norm()
+        expected_w = make_rule("foolsgold")(small, w, ctx()).info["weights"]
+        assert res.info["weights"] == pytest.approx(expected_w, abs=1e-9)
+        assert min(res.info["weights"][:attacker]) > 0
+        torch.testing.assert_close(out, (T(res.info["weights"]).double() / 9) @ x.double(), rtol=1e-5, atol=1e-3)
+    elif name in ("krum", "multi_krum", "bulyan", "dnc"):
+        # Selection rules: the attacker is never selected, so the output is built from benign
+        # rows only (a benign row, or coordinate-wise inside the benign values).
+        assert attacker in res.flagged, name
+        assert _in_benign_box(res.update, benign), name
+    elif name in ("median", "trimmed_mean"):
+        # Coordinate-wise rules with f = 1: per coordinate, one value is cut or outvoted, so
+        # every coordinate stays within the benign values (Yin et al. 2018).
+        assert _in_benign_box(res.update, benign), name
+    elif name == "geometric_median":
+        # The exact geometric median (breakdown point 1/2) within 1e-6 of the benign radius.
+        exact = _exact_geometric_median(x, w)
+        assert float((out - exact).norm()) <= 1e-6 * radius
+        assert off <= radius
+    elif name in ("norm_bounding", "centered_clipping", "fltrust", "flame"):
+        # Magnitude-bounding rules: the attacker's row is clipped (to the median norm, to tau
+        # around the centre, to |root update|), so it moves the mean by at most that bound / n.
+        assert off <= radius, (name, off, radius)
+    else:
+        raise AssertionError(f"rule '{name}' has no stated promise in this test: add one")
+    assert off <= radius or name in ("fedavg", "foolsgold"), (name, off, radius)
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_every_rule_survives_one_finite_update_of_norm_1e22(name):
+    x, benign = _huge_round(1e22)
+    w = ones(9)
+    res = make_rule(name)(x, w, ctx(root_update=benign.mean(0), num_malicious=1, client_ids=list(range(9))))
+    assert res.update.shape == (200,) and bool(torch.isfinite(res.update).all()), name
+    _check_huge(name, res, x, benign, w)
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_every_rule_stays_finite_with_two_updates_at_the_float32_maximum(name):
+    # f = 2 of 11: both attackers send 3.4e38 in every coordinate (norm 4.8e39), so even a
+    # float32 sum of two of their values overflows.
+    g = torch.Generator().manual_seed(28)
+    benign = 0.1 * torch.randn(200, generator=g) + 0.5 * torch.randn(9, 200, generator=g)
+    big = torch.full((2, 200), torch.finfo(torch.float32).max)
+    x = torch.cat([benign, big])
+    res = make_rule(name)(x, ones(11), ctx(root_update=benign.mean(0), num_malicious=2, client_ids=list(range(11))))
+    assert bool(torch.isfinite(res.update).all()), name
+    if name not in ("fedavg", "foolsgold"):  # the two rules that do not bound magnitudes
+        mean = benign.double().mean(0)
+        radius = float((benign.double() - mean).norm(dim=1).max())
+        assert float((res.update.double() - mean).norm()) <= radius, name
+
+
+def _preset(name: str) -> dict:
+    import yaml
+    from pathlib import Path
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[2] / "strategies" / f"{name}.yaml").read_text())
+    return {k: v for k, v in spec.items() if k not in ("rule", "description")}
+
+
+@pytest.mark.parametrize("norm", [1e12, 1e22])
+def test_geometric_median_preset_matches_the_exact_geometric_median(norm):
+    x, benign = _huge_round(norm, d=50, seed=22)
+    w = torch.arange(1.0, 10.0)
+    res = make_rule("geometric_median", **_preset("geometric_median"))(x, w)
+    exact = _exact_geometric_median(x, w)
+    assert res.info["converged"]
+    radius = float((benign.double() - benign.double().mean(0)).norm(dim=1).max())
+    # float32 output of a float64 computation: 1e-6 of the benign spread.
+    assert float((res.update.double() - exact).norm()) <= 1e-6 * radius
+    # Optimality, independently of any algorithm: the weighted unit vectors to the updates
+    # sum to (almost) zero at the geometric median.
+    v = res.update.double()
+    diff = v - x.double()
+    grad = ((w.double() / w.sum())[:, None] * diff / diff.norm(dim=1, keepdim=True)).sum(0)
+    assert float(grad.norm()) < 1e-4
+    # The old preset (10 iterations from the mean, relative objective change) ended 2.5e4 away
+    # for norm 1e12; the exact median is within the benign updates' spread.
+    assert float((res.update.double() - benign.double().mean(0)).norm()) <= radius
+
+
+def test_geometry_is_finite_for_any_finite_float32_update():
+    from fedsec.strategies.geometry import cosine_similarities, row_norms
+
+    x = torch.randn(4, 1000, generator=torch.Generator().manual_seed(23))
+    x[3] = torch.finfo(torch.float32).max  # every entry 3.4e38: norm 1.1e40
+    dist = squared_distances(x)
+    cos, norms = cosine_similarities(x)
+    assert bool(torch.isfinite(dist).all() and torch.isfinite(cos).all() and torch.isfinite(norms).all())
+    assert float(row_norms(x)[3]) == pytest.approx(3.4028234663852886e38 * math.sqrt(1000), rel=1e-12)
+    exact = torch.cdist(x[:3].double(), x[:3].double()) ** 2
+    torch.testing.assert_close(dist[:3, :3], exact, rtol=1e-9, atol=1e-9)
+
+
+def test_foolsgold_weights_do_not_depend_on_the_rounding_of_a_self_cosine():
+    # Hospital 0 is dissimilar to everyone (negative cosines): the maximum of its row is its
+    # own similarity minus 1. Rounded to 1 - 1e-16 that was -1e-16, below hospital 1's 0, and
+    # pardoning divided by the 0: hospital 0 got weight 0. As the reference code (epsilon,
+    # diagonal 1 - 1) the weights are identical whatever the rounding.
+    base = T([[1.0, -0.5, -0.4, -0.3],
+              [-0.5, 1.0, 0.6, 0.1],
+              [-0.4, 0.6, 1.0, 0.2],
+              [-0.3, 0.1, 0.2, 1.0]], dtype=torch.float64)
+    w = FoolsGold.weights_from_similarity(base, 1.0)
+    assert w[0].item() == 1.0
+    for self_cos in (1.0 - 1e-16, 1.0 + 2.3e-16, 1.0 - 3e-16):
+        cos = base.clone()
+        cos[0, 0] = self_cos
+        cos[2, 2] = 2.0 - self_cos
+        assert torch.equal(FoolsGold.weights_from_similarity(cos, 1.0), w), self_cos
+
+
+def test_foolsgold_logit_and_pardoning_match_the_reference_code():
+    # ML/code/model_aggregator.py::foolsgold of DistributedML/FoolsGold, transcribed in numpy.
+    def reference(cs_in):
+        n = cs_in.shape[0]
+        eps = 1e-5
+        cs = cs_in - np.eye(n)
+        maxcs = np.max(cs, axis=1) + eps
+        for i in range(n):
+            for j in range(n):
+                if i != j and maxcs[i] < maxcs[j]:
+                    cs[i][j] = cs[i][j] * maxcs[i] / maxcs[j]
+        wv = 1 - np.max(cs, axis=1)
+        wv[wv > 1] = 1
+        wv[wv < 0] = 0
+        wv = wv / np.max(wv)
+        wv[wv == 1] = 0.99
+        wv = np.log(wv / (1 - wv) + eps) + 0.5
+        wv[(np.isinf(wv) + wv > 1)] = 1
+        wv[wv < 0] = 0
+        return wv
+
+    g = torch.Generator().manual_seed(24)
+    for _ in range(20):
+        feats = torch.randn(7, 30, generator=g, dtype=torch.float64)
+        feats[4:] = feats[4] + 0.3 * torch.randn(3, 30, generator=g, dtype=torch.float64)  # sybils
+        unit = feats / feats.norm(dim=1, keepdim=True)
+        cos = unit @ unit.T
+        cos.fill_diagonal_(1.0)
+        np.testing.assert_allclose(FoolsGold.weights_from_similarity(cos, 1.0).numpy(), reference(cos.numpy()),
+                                   rtol=1e-12, atol=1e-12)
+
+
+def test_trimmed_mean_trims_f_by_default():
+    g = torch.Generator().manual_seed(25)
+    benign = torch.randn(6, 40, generator=g)
+    x = torch.cat([benign, torch.full((2, 40), 1e6)])
+    res = make_rule("trimmed_mean")(x, ones(8), ctx(num_malicious=2))
+    assert res.info["trim"] == 2
+    assert _in_benign_box(res.update, benign)
+    # num_malicious given to the rule wins over the scenario's count.
+    assert make_rule("trimmed_mean", num_malicious=3)(x, ones(8), ctx(num_malicious=2)).info["trim"] == 3
+    # No attacker declared: f = 0, nothing trimmed (the mean).
+    torch.testing.assert_close(make_rule("trimmed_mean")(benign, ones(6), ctx()).update, benign.mean(0))
+
+
+def test_trimmed_mean_refuses_to_trim_fewer_than_f():
+    x = torch.randn(8, 5, generator=torch.Generator().manual_seed(26))
+    with pytest.raises(FedsecError, match=r"aggregation rule 'trimmed_mean': option 'trim': trim = 1 .*f = 2"):
+        make_rule("trimmed_mean", trim=1)(x, ones(8), ctx(num_malicious=2))
+    # Flower's beta = 0.2 of 8 hospitals trims 1 < 2: refused too, naming beta.
+    with pytest.raises(FedsecError, match=r"option 'beta': beta = 0.2 trims floor\(0.2 \* 8\) = 1 .*f = 2"):
+        make_rule("trimmed_mean", beta=0.2)(x, ones(8), ctx(num_malicious=2))
+    assert make_rule("trimmed_mean", trim=3)(x, ones(8), ctx(num_malicious=2)).info["trim"] == 3
+
+
+@pytest.mark.parametrize("name", ["fedavg", "median", "geometric_median"])
+@pytest.mark.parametrize("bad", [float("nan"), -1.0, float("inf")])
+def test_nan_or_negative_sample_counts_are_refused_naming_the_hospital(name, bad):
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(27))
+    w = T([5.0, bad, 7.0])
+    with pytest.raises(FedsecError, match=rf"'{name}': sample counts must be finite and >= 0; got hospital 11 \(row 1\)"):
+        make_rule(name)(x, w, ctx(client_ids=[10, 11, 12]))
+    with pytest.raises(FedsecError, match=r"got row 1: "):
+        make_rule(name)(x, w)
+
+
+def test_a_scenario_trimming_fewer_than_its_attackers_is_refused_before_it_runs():
+    from pathlib import Path
+
+    from fedsec.errors import ScenarioError
+    from fedsec.scenario import load_scenario
+
+    heart = str(Path(__file__).resolve().parents[2] / "scenarios" / "heart_fedavg.yaml")
+    attacks = "attacks=[{preset: gaussian, hospitals: [2, 3]}]"
+    with pytest.raises(ScenarioError, match=r"key 'strategy.trim': trims 1 values at each end, fewer than the f = 2"):
+        load_scenario(heart, ["strategy={rule: trimmed_mean, trim: 1}", attacks])
+    load_scenario(heart, ["strategy={preset: trimmed_mean}", attacks])  # trim = f by default
+    load_scenario(heart, ["strategy={rule: trimmed_mean, trim: 1}", "attacks=[{preset: gaussian, hospitals: [3]}]"])

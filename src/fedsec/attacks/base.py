@@ -25,6 +25,7 @@ class AttackContext:
     malicious: all malicious hospital ids. num_hospitals: n. task: the Task (model factory,
     loss, modality, num_classes) for hooks that need to build or query a model.
     generator: torch.Generator seeded from (scenario seed, round, hospital).
+    participants: the ids of the hospitals training in this round (None: not known).
     """
 
     server_round: int = 1
@@ -34,6 +35,7 @@ class AttackContext:
     task: object | None = None
     generator: torch.Generator | None = None
     extra: dict = field(default_factory=dict)
+    participants: list[int] | None = None
 
 
 def plain(value):

@@ -51,13 +51,21 @@ def task_attr(ctx: AttackContext | None, attr: str):
 # --- shared by the model-poisoning and backdoor attacks --------------------------------------
 def boost_factor(ctx: AttackContext) -> float:
     """Model-replacement boost ``n / m`` (Bagdasaryan et al. 2020, with FedAvg's server lr 1):
-    n hospitals in the consortium, m of them malicious, each sending ``global + (n/m) * update``
-    so that the coalition's scaled updates replace the global model under plain averaging."""
-    n = int(ctx.num_hospitals or 0)
+    n hospitals in the round, m of them malicious, each sending ``global + (n/m) * update``
+    so that the coalition's scaled updates replace the global model under plain averaging.
+    n and m count the round's participants (``AttackContext.participants``): with
+    ``federation.fraction_train < 1`` the average is over the round's hospitals, not the
+    consortium. Without that list, the whole consortium (every hospital trains every round)."""
+    if ctx.participants:
+        n = len(ctx.participants)
+        m = len(set(ctx.malicious) & set(ctx.participants))
+    else:
+        n = int(ctx.num_hospitals or 0)
+        m = len(ctx.malicious)
     if n <= 0:
         raise FedsecError("model replacement needs the number of hospitals (AttackContext.num_hospitals); "
                           "set an explicit boost / gamma instead of 'auto'")
-    return n / max(1, len(ctx.malicious))
+    return n / max(1, m)
 
 
 def parse_factor(attack: Attack, option: str, ctx: AttackContext) -> float:
@@ -203,7 +211,7 @@ class LabelFlip(Attack):
 class Scaling(Attack):
     """Model replacement (Bagdasaryan et al. 2020): send ``global + gamma * (local - global)``.
 
-    gamma ``auto`` = n_hospitals / n_malicious, the boost that makes the coalition's model
+    gamma ``auto`` = n_hospitals / n_malicious of the round, the boost that makes the coalition's model
     replace the global one under FedAvg (sample-weighted FedAvg needs total / own samples
     instead: give gamma explicitly). Combine it with a data-poisoning attack on the same
     hospitals, or use a backdoor's own ``boost`` option.

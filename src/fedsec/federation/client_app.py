@@ -125,10 +125,11 @@ def train(msg: Message, context: Context) -> Message:
     privacy = scenario.privacy
     dp_metrics: dict = {}
     if privacy.dp_sgd:  # record-level DP: Opacus, epsilon from this hospital's history
-        from fedsec.privacy.dp_sgd import DPConfig, count_participation, train_dp_sgd
+        from fedsec.privacy.dp_sgd import DPConfig, charged_before, count_participation, train_dp_sgd
 
+        charged = count_participation(context.state, server_round, charged_before(config, hospital))
         res = train_dp_sgd(model, data, task, scenario.federation.local, DPConfig.parse(privacy.dp_sgd),
-                           generator=generator, participations=count_participation(context.state, server_round),
+                           generator=generator, participations=charged,
                            planned_rounds=scenario.federation.rounds, device=device)
         stats, dp_metrics = {"loss": res.loss, "steps": res.steps}, res.metrics()
     else:
@@ -138,7 +139,8 @@ def train(msg: Message, context: Context) -> Message:
     for p in active:
         if p.has("poison_update"):
             ctx = AttackContext(server_round, hospital, p.hospitals, task.data.num_hospitals, task,
-                                torch.Generator().manual_seed(seed + 1))
+                                torch.Generator().manual_seed(seed + 1),
+                                participants=[int(h) for h in config.get("train-hospitals", [])] or None)
             g = flatten_state(global_state)
             poisoned = p.attack.poison_update(g, flatten_state(state), ctx)
             state = unflatten_state(poisoned, state)

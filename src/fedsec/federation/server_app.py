@@ -88,6 +88,12 @@ class FedsecStrategy(FedAvg):
         self.last_record: dict | None = None
         self.rule_state_note = None
         self.num_hospitals = n
+        self._dp_ledger = None  # DP-SGD: each hospital's epsilon over every round (fedsec.privacy.dp_sgd)
+        if scenario.privacy.dp_sgd:
+            from fedsec.privacy.dp_sgd import EpsilonLedger
+
+            earlier = run_dir.read_rounds() if run_dir is not None and round_offset else []
+            self._dp_ledger = EpsilonLedger.from_rounds(earlier)
 
     # ---- set-up ------------------------------------------------------------------------
     def _make_rule(self):
@@ -140,6 +146,11 @@ class FedsecStrategy(FedAvg):
         self._global = arrays
         config["server-round"] = r
         self._selected = self._select(r, self.fraction_train, 1)
+        config["train-hospitals"] = list(self._selected)  # the round's participants (model replacement's n)
+        if self._dp_ledger is not None:  # rounds each hospital was charged for: survives a lost node state
+            from fedsec.privacy.dp_sgd import CHARGED_KEY
+
+            config[CHARGED_KEY] = self._dp_ledger.charged(self.hospitals)
         return self._messages(self._selected, arrays, config, MessageType.TRAIN)
 
     def _check(self, server_round: int, replies, is_train: bool, expected: list[int]):
@@ -181,15 +192,11 @@ class FedsecStrategy(FedAvg):
                       for h, c in zip(ids, contents)},
             "attack": {}, "defense": {},
         }
-        eps = {self._name(h): float(c["metrics"]["dp-epsilon"]) for h, c in zip(ids, contents)
-               if "dp-epsilon" in c["metrics"]}
-        if eps:  # DP-SGD: each hospital's cumulative (epsilon, delta) after this round
-            self.add_round_info("privacy", {"dp_sgd": {
-                "epsilon": eps, "epsilon_max": max(eps.values()),
-                "delta": {self._name(h): float(c["metrics"]["dp-delta"]) for h, c in zip(ids, contents)
-                          if "dp-delta" in c["metrics"]},
-                "noise_multiplier": {self._name(h): float(c["metrics"]["dp-noise-multiplier"])
-                                     for h, c in zip(ids, contents) if "dp-noise-multiplier" in c["metrics"]}}})
+        if self._dp_ledger is not None:  # DP-SGD: trained hospitals' cumulative epsilon; the ledger's max
+            trained = {self._name(h): c["metrics"] for h, c in zip(ids, contents) if "dp-epsilon" in c["metrics"]}
+            self._dp_ledger.record_round(r, [self._name(h) for h in self._selected], trained)
+            self.add_round_info("privacy", {"dp_sgd": self._dp_ledger.round_block(
+                {name: self._dp_ledger.entries[name] for name in trained})})
         server_hooks = [p for p in self.plans if p.active(r) and (p.has("collude") or p.has("observe"))]
         if self.rule is None and not server_hooks:
             arrays = aggregate_arrayrecords(contents, self.weighted_by_key)

@@ -39,11 +39,12 @@ def check_privacy(scenario, task=None, plans=None) -> None:
     if p.central_dp or p.secure_aggregation:
         rule = _rule(scenario)
     if p.dp_sgd:
-        from fedsec.privacy.dp_sgd import DPConfig, check_model
+        from fedsec.privacy.dp_sgd import DPConfig, check_delta, check_model
 
-        DPConfig.parse(p.dp_sgd)
+        dp = DPConfig.parse(p.dp_sgd)
         if task is not None:
             check_model(task.make_model(), scenario.task.model)
+            check_delta(dp, {h: len(s) for h, s in zip(task.data.hospitals, task.data.train)})
     if p.central_dp:
         from fedsec.privacy.central_dp import (
             CentralDPConfig,

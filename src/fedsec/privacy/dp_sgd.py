@@ -7,18 +7,28 @@ on every step. The guarantee protects one *patient record* of that hospital agai
 who sees what the hospital sends (the server, observers, the other hospitals, the final
 model).
 
+Adjacency. Opacus's accountants (RDP, PRV, GDP) analyse the Poisson-subsampled Gaussian
+mechanism under add/remove-one adjacency: two datasets of one hospital that differ by one
+patient record present in one and absent from the other. A guarantee under replace-one
+adjacency (a record changed) follows from it by group privacy over 2 records, with a larger
+epsilon; fedsec reports the add/remove figure.
+
 Accounting across rounds. Opacus's accountant lives in the ``PrivacyEngine``, which lives for
 one round (a ClientApp call; Flower may reuse a process, but nothing guarantees it). fedsec
 therefore never carries accountant objects between rounds: the hospital's epsilon is
 recomputed from its *history*, which is fully determined by (noise_multiplier, q, steps per
 round, number of rounds the hospital trained in). Steps per round are deterministic
-(``epochs x int(1/q)``: Opacus's Poisson loader takes int(1/q) steps per epoch) and the
-number of rounds comes from :func:`count_participation` (the node's ``Context.state``, which
-Flower keeps per node for the whole run, in simulation and deployment; when that state is
-missing -- a resumed run or a restarted node -- every earlier round is counted, an upper
-bound). So the reported epsilon is exact when the hospital trained in every round and never
-an underestimate. Empty Poisson batches still take a (noise-only) step, as the analysis
-assumes.
+(``epochs x int(1/q)``: Opacus's Poisson loader takes int(1/q) steps per epoch). A hospital is
+charged only for the rounds it trained in (:func:`count_participation`): the node's
+``Context.state`` (kept by Flower per node for the whole run, in simulation and deployment,
+across the rounds it is not selected) records them, and the server sends each round the
+number of rounds it has seen each hospital train in (its ledger, rebuilt from
+``rounds.jsonl`` on ``--resume``), which covers a node whose state was lost. The hospital
+takes the larger of the two counts. Empty Poisson batches still take a (noise-only) step, as
+the analysis assumes.
+
+The server's :class:`EpsilonLedger` keeps each hospital's latest cumulative epsilon over every
+round; ``summary.json``'s ``epsilon_max`` is the ledger's maximum, not the last round's.
 
 Options (``privacy.dp_sgd``), see :class:`DPConfig`.
 """
@@ -41,6 +51,7 @@ from fedsec.privacy.options import choice, flag, number, option_error, parse_opt
 from fedsec.registry import PRIVACY
 
 SECTION = "dp_sgd"
+CHARGED_KEY = "dp-rounds-charged"  # train config: rounds charged so far, one int per hospital id
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 DEFAULT_DELTA = 1e-3
 STATE_KEY = "fedsec.dp_sgd"  # ConfigRecord in the node's Context.state
@@ -180,24 +191,147 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
         return float(acc.get_epsilon(delta=delta))
 
 
-def count_participation(state, server_round: int) -> int:
-    """Record that this hospital trains in ``server_round`` and return how many rounds it has
-    trained in so far (this one included).
+def count_participation(state, server_round: int, charged_before: int | None = None) -> int:
+    """Record that this hospital trains in ``server_round`` and return how many rounds it is
+    charged for so far (this one included).
 
     ``state`` is the node's ``Context.state`` (a RecordDict that Flower keeps per node across
-    the run). If it holds no history (first call of the run, a resumed run, a restarted
-    node), every round before ``server_round`` is counted as trained in: an upper bound, exact
-    when the hospital trains every round.
+    the run, including the rounds the node is not selected in). ``charged_before``: the rounds
+    the server's ledger has seen this hospital train in before ``server_round`` (sent in the
+    train config as ``dp-rounds-charged``); it covers a node whose state was lost (a resumed
+    run, a restarted node). The count is the larger of the two, so neither a lost state nor a
+    lost reply makes it an underestimate. With neither (a server that sends no ledger and an
+    empty state), every earlier round is counted: an upper bound.
     """
     from flwr.app import ConfigRecord
 
     rec = state.config_records.get(STATE_KEY)
     rounds = set(int(r) for r in rec["rounds"]) if rec is not None and "rounds" in rec else set()
-    if not rounds:
+    if not rounds and charged_before is None:
         rounds = set(range(1, int(server_round)))
     rounds.add(int(server_round))
     state.config_records[STATE_KEY] = ConfigRecord({"rounds": sorted(rounds)})
-    return len(rounds)
+    return max(len(rounds), int(charged_before or 0) + 1)
+
+
+def charged_before(config, hospital: int) -> int | None:
+    """The server's count of rounds ``hospital`` was charged for before this one, from the
+    train config; None when the server sent no ledger."""
+    if CHARGED_KEY not in config:
+        return None
+    counts = list(config[CHARGED_KEY])
+    return int(counts[hospital]) if 0 <= hospital < len(counts) else 0
+
+
+class EpsilonLedger:
+    """The server's record of each hospital's DP-SGD spending over the whole run.
+
+    For each hospital that has trained: its latest cumulative epsilon, delta, noise multiplier,
+    the number of rounds it was charged for and the last round it trained in. A hospital's
+    entry only moves in a round it trains in. Rebuilt from ``rounds.jsonl`` on ``--resume``.
+
+    A hospital selected in a round whose reply did not count (a crash, a timeout, a diverged
+    update) may or may not have trained: such rounds since its last counted reply are kept as
+    ``unconfirmed`` and added to what the server tells the hospital it has spent
+    (:meth:`charged`), so that a node that lost its own state (``--resume``) is never
+    undercharged. The hospital's own state, when it has one, is exact and its next counted
+    reply resets them.
+    """
+
+    def __init__(self):
+        self.entries: dict[str, dict] = {}
+        self.unconfirmed: dict[str, int] = {}
+
+    def record_round(self, server_round: int, selected, trained: dict) -> None:
+        """One round: ``selected`` hospital names, ``trained`` = name -> reply metrics for the
+        hospitals whose reply counted."""
+        for hospital, metrics in trained.items():
+            self.record(server_round, hospital, metrics)
+            self.unconfirmed.pop(hospital, None)
+        for hospital in selected:
+            if hospital not in trained:
+                self.unconfirmed[hospital] = self.unconfirmed.get(hospital, 0) + 1
+
+    def record(self, server_round: int, hospital: str, metrics) -> None:
+        """One trained hospital's reply metrics (``DPTrainResult.metrics()``) in ``server_round``."""
+        entry = {"epsilon": float(metrics["dp-epsilon"]), "last_round": int(server_round)}
+        for key, name in (("dp-delta", "delta"), ("dp-noise-multiplier", "noise_multiplier")):
+            if key in metrics:
+                entry[name] = float(metrics[key])
+        if "dp-rounds" in metrics:
+            entry["rounds"] = int(metrics["dp-rounds"])
+        self.entries[hospital] = entry
+
+    @classmethod
+    def from_rounds(cls, records) -> "EpsilonLedger":
+        """The ledger after the rounds in ``records`` (rounds.jsonl's dicts, in order)."""
+        ledger = cls()
+        for rec in records:
+            block = (rec.get("privacy") or {}).get("dp_sgd") or {}
+            trained = {}
+            for hospital, eps in (block.get("epsilon") or {}).items():
+                metrics = {"dp-epsilon": eps}
+                for name, key in (("delta", "dp-delta"), ("noise_multiplier", "dp-noise-multiplier"),
+                                  ("rounds", "dp-rounds")):
+                    if hospital in (block.get(name) or {}):
+                        metrics[key] = block[name][hospital]
+                trained[hospital] = metrics
+            ledger.record_round(int(rec.get("round", 0)), rec.get("selected") or list(trained), trained)
+        return ledger
+
+    def charged(self, hospitals: list[str]) -> list[int]:
+        """Rounds charged so far, one int per hospital id: counted replies' rounds plus the
+        unconfirmed rounds since (0 for a hospital never selected)."""
+        return [int(self.entries.get(h, {}).get("rounds", 0)) + self.unconfirmed.get(h, 0) for h in hospitals]
+
+    def epsilon_max(self) -> float:
+        return max((e["epsilon"] for e in self.entries.values()), default=0.0)
+
+    def round_block(self, trained: dict[str, dict]) -> dict:
+        """A round's ``privacy.dp_sgd`` record: the hospitals that trained this round (their
+        cumulative epsilon, delta, noise, rounds charged) and ``epsilon_max``, the ledger's
+        maximum over every hospital and every round so far."""
+        block: dict = {"epsilon": {h: m["epsilon"] for h, m in trained.items()}}
+        for name in ("delta", "noise_multiplier", "rounds"):
+            values = {h: m[name] for h, m in trained.items() if name in m}
+            if values:
+                block[name] = values
+        block["epsilon_max"] = self.epsilon_max()
+        return block
+
+    def summary(self) -> dict:
+        """``summary.json``'s ``privacy.dp_sgd``: the ledger per hospital and its maximum."""
+        out = {
+            "epsilon_max": self.epsilon_max(),
+            "epsilon": {h: e["epsilon"] for h, e in sorted(self.entries.items())},
+            "ledger": {h: dict(e) for h, e in sorted(self.entries.items())},
+        }
+        if self.unconfirmed:  # selected since their last counted reply, without one
+            out["unconfirmed_rounds"] = dict(sorted(self.unconfirmed.items()))
+        return out
+
+
+def summarise(records) -> dict | None:
+    """``summary.json``'s ``privacy.dp_sgd`` from every round in rounds.jsonl; None without
+    DP-SGD figures."""
+    ledger = EpsilonLedger.from_rounds(records)
+    return ledger.summary() if ledger.entries else None
+
+
+def check_delta(dp: "DPConfig", train_sizes: dict[str, int]) -> None:
+    """Refuse an explicit delta >= 1/N for any hospital (N: its training records), before
+    training starts. A mechanism may leak one record outright with probability delta: at
+    delta >= 1/N that is a whole record of the hospital, no protection."""
+    if dp.delta is None:
+        return
+    bad = {h: n for h, n in train_sizes.items() if n > 0 and dp.delta >= 1.0 / n}
+    if bad:
+        listing = ", ".join(f"{h} (N = {n}, 1/N = {1.0 / n:.3g})" for h, n in sorted(bad.items(), key=lambda kv: -kv[1]))
+        smallest = min(1.0 / n for n in train_sizes.values() if n > 0)
+        raise option_error(SECTION, "delta",
+                           f"{dp.delta:g} is not below 1/N for {listing}: a delta of 1/N allows leaking a "
+                           f"whole patient record. Use delta < {smallest:.3g} (e.g. N^-1.1), or leave delta "
+                           f"unset (min(1e-3, N^-1.1) per hospital)")
 
 
 def check_model(model: torch.nn.Module, model_name: str = "model") -> None:
@@ -228,10 +362,13 @@ class DPTrainResult:
     noise_multiplier: float
     sample_rate: float
 
+    rounds: int = 0  # rounds charged, this one included
+
     def metrics(self) -> dict:
         """Flat MetricRecord entries for the reply."""
         return {"dp-epsilon": self.epsilon, "dp-delta": self.delta,
-                "dp-noise-multiplier": self.noise_multiplier, "dp-sample-rate": self.sample_rate}
+                "dp-noise-multiplier": self.noise_multiplier, "dp-sample-rate": self.sample_rate,
+                "dp-rounds": int(self.rounds)}
 
 
 def train_dp_sgd(model: torch.nn.Module, data, task, local, dp: DPConfig, *, generator: torch.Generator,
@@ -304,4 +441,5 @@ def train_dp_sgd(model: torch.nn.Module, data, task, local, dp: DPConfig, *, gen
             dp_model._close()  # remove Opacus's hooks from the caller's model
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     eps = epsilon(p.noise_multiplier, p.sample_rate, p.steps_per_round * int(participations), p.delta, p.accountant)
-    return DPTrainResult(state, steps, total / max(batches, 1), eps, p.delta, p.noise_multiplier, p.sample_rate)
+    return DPTrainResult(state, steps, total / max(batches, 1), eps, p.delta, p.noise_multiplier, p.sample_rate,
+                         int(participations))

@@ -101,6 +101,10 @@ class AggregationRule:
         """The fewest updates this rule needs in a round to tolerate ``f`` Byzantine ones."""
         return 1
 
+    def check(self, f: int, per_round: int) -> None:
+        """Raise a ScenarioError naming the option (``option_fail``) when the options cannot
+        tolerate ``f`` Byzantine hospitals among ``per_round`` updates; run at load time."""
+
     def reset(self) -> None:
         """Forget the state kept between rounds (stateful rules override this)."""
 
@@ -132,6 +136,21 @@ class AggregationRule:
             raise self.option_fail(key, f"must be a number {bound}, got {value!r}")
         return float(value)
 
+    def check_weights(self, weights: torch.Tensor, ctx: RuleContext | None) -> None:
+        """Refuse sample counts that are NaN, infinite or negative, naming the hospital (its id
+        from ``ctx.client_ids``, else its row): one NaN count would make a weighted mean NaN,
+        a negative one would flip that hospital's update."""
+        bad = (~torch.isfinite(weights) | (weights < 0)).nonzero().flatten().tolist()
+        if not bad:
+            return
+        ids = ctx.client_ids if ctx is not None and ctx.client_ids is not None else None
+        who = ", ".join(
+            f"hospital {ids[i]!r} (row {i}): {float(weights[i])!r}" if ids is not None and len(ids) > i
+            else f"row {i}: {float(weights[i])!r}"
+            for i in bad
+        )
+        raise self.fail(f"sample counts must be finite and >= 0; got {who}")
+
     def aggregate(self, updates: torch.Tensor, weights: torch.Tensor, ctx: RuleContext) -> RuleResult:
         raise NotImplementedError
 
@@ -142,6 +161,7 @@ class AggregationRule:
             raise self.fail("no updates to aggregate (n = 0)")
         if weights.shape != (updates.shape[0],):
             raise ValueError(f"weights must be [n] = [{updates.shape[0]}], got {tuple(weights.shape)}")
+        self.check_weights(weights, ctx)
         return self.aggregate(updates, weights.to(device=updates.device, dtype=updates.dtype), ctx or RuleContext())
 
 

@@ -7,6 +7,7 @@ import torch
 
 from fedsec.strategies.base import AggregationRule, RuleContext, RuleResult
 from fedsec.strategies.fedavg import normalised_weights
+from fedsec.strategies.geometry import row_norms
 from fedsec.registry import RULES
 
 
@@ -36,10 +37,11 @@ class NormBounding(AggregationRule):
         self.noise_std = self.float_option("noise_std", noise_std)
 
     def aggregate(self, updates: torch.Tensor, weights: torch.Tensor, ctx: RuleContext) -> RuleResult:
-        norms = torch.linalg.vector_norm(updates, dim=1)
+        norms = row_norms(updates)  # float64: no overflow for any finite update
         bound = self.max_norm if self.max_norm is not None else float(norms.median())
         # The weighted mean of the clipped rows is one [n] x [n, d] product: no clipped copy.
-        update = (normalised_weights(weights) * clip_factors(norms, bound)) @ updates
+        coeffs = normalised_weights(weights).double() * clip_factors(norms, bound)
+        update = coeffs.to(updates.dtype) @ updates
         if self.noise_std > 0:
             update += self.noise_std * torch.randn(
                 update.shape, generator=ctx.generator, dtype=update.dtype, device="cpu"
@@ -85,8 +87,8 @@ class CenteredClipping(AggregationRule):
         clipped = 0
         for _ in range(self.iterations):
             deltas = updates - v
-            factors = clip_factors(torch.linalg.vector_norm(deltas, dim=1), self.tau)
+            factors = clip_factors(row_norms(deltas), self.tau)
             clipped = int((factors < 1).sum())
-            v = v + (factors / n) @ deltas
+            v = v + (factors / n).to(deltas.dtype) @ deltas
         self._center = v.clone()
         return RuleResult(update=v, info={"tau": self.tau, "clipped": clipped})

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedsec.strategies.base import AggregationRule, RuleContext, RuleResult
+from fedsec.strategies.base import AggregationRule, FaultTolerantRule, RuleContext, RuleResult
 from fedsec.registry import RULES
 
 # Bytes of one [n, c] column block. np.partition works on a copy of its input: block by block
@@ -59,8 +59,9 @@ def _median_of_block(block: torch.Tensor) -> torch.Tensor:
     part = partition_at(block, upper)
     if n % 2:
         return part[upper]
-    # The lower middle value is the largest of the n/2 values below the upper one.
-    return (part[:upper].amax(dim=0) + part[upper]) / 2
+    # The lower middle value is the largest of the n/2 values below the upper one. Halved
+    # before the sum (exact in binary floating point): two values near 3.4e38 would sum to inf.
+    return part[:upper].amax(dim=0) / 2 + part[upper] / 2
 
 
 def _trimmed_mean_of_block(block: torch.Tensor, trim: int) -> torch.Tensor:
@@ -90,8 +91,8 @@ def coordinate_trimmed_mean(updates: torch.Tensor, trim: int) -> torch.Tensor:
     would wipe out every benign digit in that subtraction.
     """
     n = updates.shape[0]
-    if trim == 0:
-        return updates.mean(dim=0)
+    if trim == 0:  # each row scaled before the sum, so that finite rows cannot sum to inf
+        return torch.full((n,), 1.0 / n, dtype=updates.dtype, device=updates.device) @ updates
     out = torch.empty(updates.shape[1], dtype=updates.dtype, device=updates.device)
     for cols, block in column_blocks(updates):
         out[cols] = _trimmed_mean_of_block(block, trim)
@@ -114,7 +115,7 @@ def _mean_around_median_of_block(block: torch.Tensor, keep: int) -> torch.Tensor
     # they are among the `drop` smallest and the `drop` largest: partition, then choose among
     # those 2*drop candidates only (1.7x faster here than topk over all m rows).
     part = partition_at(block, half)  # rows < half: the smaller half; row half: upper middle
-    med = part[half] if m % 2 else (part[:half].amax(dim=0) + part[half]) / 2
+    med = part[half] if m % 2 else part[:half].amax(dim=0) / 2 + part[half] / 2
     lower = partition_at(part[:half], drop - 1)  # rows < drop: the drop smallest
     upper = partition_at(part[half:], m - half - drop)  # last drop rows: the drop largest
     candidates = torch.cat([lower[:drop], upper[m - half - drop :]])
@@ -163,34 +164,69 @@ class Median(AggregationRule):
 
 
 @RULES.register()
-class TrimmedMean(AggregationRule):
+class TrimmedMean(FaultTolerantRule):
     """Coordinate-wise trimmed mean (Yin et al., ICML 2018): per coordinate, drop the k largest
     and k smallest values, average the rest. Sample counts are ignored.
 
+    k must be at least f, the number of Byzantine hospitals (Yin et al.'s condition beta >=
+    alpha): with fewer, an attacker's value survives the trimming in every coordinate it
+    pushes. With 8 hospitals and 2 attackers, Flower's beta = 0.2 trims floor(1.6) = 1: the
+    attackers' values reached 1.67e5 per coordinate of the aggregate, against 0.005 with
+    trim 2 (issue 13).
+
     Options:
-        beta: fraction trimmed from each end, k = floor(beta * n) (as Flower's FedTrimmedAvg
-            and scipy.stats.trim_mean). Default 0.2.
-        trim: k itself; overrides beta when given. Default None.
+        num_malicious: f, default None (the scenario's number of malicious hospitals).
+        trim: k, default None = f. A k below f is refused.
+        beta: a fraction instead, k = floor(beta * n) (as Flower's FedTrimmedAvg and
+            scipy.stats.trim_mean), default None; refused in a round where it trims fewer
+            than f. ``trim`` wins when both are given.
     """
 
     name = "trimmed_mean"
     title = "the trimmed mean"
     short_title = "Trimmed mean"
-    tolerates = "trim values at each end, n > 2 * trim"
+    tolerates = "f with trim >= f values cut at each end and n > 2 * trim (Yin et al. 2018)"
 
-    def __init__(self, *, beta: float = 0.2, trim: int | None = None):
-        self.beta = self.float_option("beta", beta)
-        if self.beta >= 0.5:
+    def min_updates(self, f: int) -> int:
+        return 2 * max(self.trim if self.trim is not None else f, f) + 1
+
+    def check(self, f: int, per_round: int) -> None:
+        if self.trim is not None and self.trim < f:
+            raise self.option_fail("trim", f"= {self.trim} trims fewer values at each end than the f = {f} "
+                                           f"malicious hospitals (Yin et al. 2018 need trim >= f); set trim: {f} "
+                                           "or more, or leave it unset (trim = f)")
+        if self.trim is None and self.beta is not None and int(self.beta * per_round) < f:
+            raise self.option_fail("beta", f"= {self.beta:g} trims floor({self.beta:g} * {per_round}) = "
+                                           f"{int(self.beta * per_round)} values at each end, fewer than the f = {f} "
+                                           "malicious hospitals; raise it, or use trim (default f)")
+
+    def __init__(self, *, num_malicious: int | None = None, trim: int | None = None, beta: float | None = None):
+        super().__init__(num_malicious=num_malicious)
+        self.beta = self.float_option("beta", beta, allow_none=True)
+        if self.beta is not None and self.beta >= 0.5:
             raise self.fail(f"option 'beta' must be in [0, 0.5) (the fraction cut from each end), got {beta}")
         self.trim = self.int_option("trim", trim, allow_none=True)
 
-    def trim_count(self, n: int) -> int:
-        """k, the number of values cut from each end of each coordinate when n rows come in."""
-        k = self.trim if self.trim is not None else int(self.beta * n)
+    def trim_count(self, n: int, f: int = 0) -> int:
+        """k, the number of values cut from each end of each coordinate when n rows come in
+        and f of the hospitals may be Byzantine."""
+        if self.trim is not None:
+            k, key = self.trim, "trim"
+        elif self.beta is not None:
+            k, key = int(self.beta * n), "beta"
+        else:
+            k, key = f, None
+        if k < f:
+            given = f"trim = {k}" if key == "trim" else f"beta = {self.beta:g} trims floor({self.beta:g} * {n}) = {k}"
+            raise self.fail(
+                f"option '{key}': {given} values at each end, fewer than the f = {f} malicious hospitals it must "
+                f"tolerate (Yin et al. 2018 need trim >= f, or an attacker's value survives in every "
+                f"coordinate); set trim: {f} or more, or leave trim and beta unset (trim = f)"
+            )
         if n - 2 * k < 1:
             raise self.fail(f"cannot cut {k} values from each end of {n} updates: needs n - 2*trim >= 1")
         return k
 
     def aggregate(self, updates: torch.Tensor, weights: torch.Tensor, ctx: RuleContext) -> RuleResult:
-        k = self.trim_count(updates.shape[0])
+        k = self.trim_count(updates.shape[0], self.malicious(ctx))
         return RuleResult(update=coordinate_trimmed_mean(updates, k), info={"trim": k})

@@ -58,7 +58,9 @@ class DnC(FaultTolerantRule):
             else:
                 coords = torch.randperm(d, generator=ctx.generator)[: self.subsample_dim]
                 sub = updates[:, coords.to(updates.device)]
-            centred = (sub - sub.mean(dim=0)).double()
+            # float64 before the mean: two finite float32 updates near 3.4e38 sum to inf.
+            centred = sub.double()
+            centred = centred - centred.mean(dim=0)
             top = torch.linalg.svd(centred, full_matrices=False).Vh[0]
             scores = (centred @ top) ** 2
             keep = torch.topk(scores, n - removed_per_iteration, largest=False).indices

@@ -11,9 +11,12 @@ from fedsec.registry import RULES
 
 
 def normalised_weights(weights: torch.Tensor) -> torch.Tensor:
-    """weights: Tensor[n] of sample counts (>= 0, not all 0) -> Tensor[n] summing to 1."""
-    if bool((weights < 0).any()):
-        raise FedsecError(f"sample-count weights must be >= 0, got {weights.tolist()}")
+    """weights: Tensor[n] of sample counts (finite, >= 0, not all 0) -> Tensor[n] summing to 1.
+
+    Rules see their weights checked first (``AggregationRule.check_weights`` names the
+    hospital); this check stays for direct callers."""
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+        raise FedsecError(f"sample-count weights must be finite and >= 0, got {weights.tolist()}")
     total = weights.sum()
     if float(total) <= 0:
         raise FedsecError("sample-count weights sum to 0: no hospital reported any samples")

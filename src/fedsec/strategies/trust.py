@@ -6,8 +6,12 @@ from __future__ import annotations
 import torch
 
 from fedsec.strategies.base import AggregationRule, RuleContext, RuleResult
-from fedsec.strategies.geometry import cosine_similarities
 from fedsec.registry import RULES
+from fedsec.strategies.geometry import cosine_similarities, row_dots, row_norms
+# FoolsGold reference code (github.com/DistributedML/FoolsGold, ML/code/model_aggregator.py,
+# function ``foolsgold``, commit 0aa5511): ``epsilon = 1e-5``, added to each hospital's
+# maximum similarity before pardoning and inside the logit.
+_FOOLSGOLD_EPSILON = 1e-5
 
 
 @RULES.register()
@@ -36,12 +40,13 @@ class FLTrust(AggregationRule):
         if root.shape != updates.shape[1:]:
             raise self.fail(f"root update has shape {tuple(root.shape)}, the updates [{updates.shape[1]}]")
         root = root.to(device=updates.device, dtype=updates.dtype)
-        root_norm = torch.linalg.vector_norm(root).double()
-        norms = torch.linalg.vector_norm(updates, dim=1).double()
-        dots = (updates @ root).double()
+        # float64 throughout: one finite update of norm > 1.8e19 overflows float32 squares.
+        root_norm = row_norms(root[None])[0]
+        norms = row_norms(updates)
+        dots = row_dots(updates, root)
         usable = (norms > 0) & (root_norm > 0)
         safe_norms = norms.clamp(min=torch.finfo(torch.float64).tiny)
-        cos = torch.where(usable, dots / (safe_norms * root_norm.clamp(min=torch.finfo(torch.float64).tiny)), 0.0)
+        cos = torch.where(usable, dots / safe_norms / root_norm.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
         trust = cos.clamp(min=0.0)
         total = float(trust.sum())
         if total > 0:
@@ -110,20 +115,37 @@ class FoolsGold(AggregationRule):
 
     @staticmethod
     def weights_from_similarity(cos: torch.Tensor, kappa: float) -> torch.Tensor:
-        """FoolsGold's weights. cos: Tensor[n, n] pairwise cosine similarities -> Tensor[n] in [0, 1]."""
+        """FoolsGold's weights, step by step as the authors' reference code
+        (DistributedML/FoolsGold, ML/code/model_aggregator.py, ``foolsgold``), with the
+        paper's confidence kappa (Alg. 1; the code has kappa = 1).
+
+        cos: Tensor[n, n] pairwise cosine similarities -> Tensor[n] in [0, 1].
+
+        The code's ``cs = cosine_similarity(...) - eye(n)`` leaves each hospital's own
+        similarity on the diagonal at 0 (-1 for a zero update, whose cosines are all 0); here
+        that diagonal is set exactly, not left to float rounding. With a rounded self-cosine
+        of 1 - 1e-16 the diagonal was -1e-16, the row's maximum (when every other similarity
+        is negative) fell below a neighbour's 0, and pardoning then divided by that 0: the
+        hospital's weight became 0. The code's epsilon (1e-5, added to every maximum before
+        pardoning and inside the logit) keeps those divisions finite as well.
+        """
         n = cos.shape[0]
-        cs = cos - torch.eye(n, dtype=cos.dtype, device=cos.device)
-        max_cs = cs.max(dim=1).values
-        # Pardoning: when j looks more like a sybil than i does, i's similarity to j is scaled
-        # down by max_i / max_j, so an honest hospital is not punished for resembling a sybil.
+        eps = _FOOLSGOLD_EPSILON
+        cs = cos.double().clone()
+        # Self-similarity 1 (0 for a zero row), minus eye(n): exactly 0 or -1.
+        cs.diagonal().copy_(cs.diagonal().round() - 1.0)
+        max_cs = cs.max(dim=1).values + eps
+        # Pardoning, for i != j: when j looks more like a sybil than i does (max_i < max_j),
+        # i's similarity to j is scaled by max_i / max_j, so an honest hospital is not
+        # punished for resembling a sybil. On the diagonal row == col, so nothing changes.
         row, col = max_cs[:, None], max_cs[None, :]
-        cs = torch.where(row < col, cs * row / col.clamp(min=torch.finfo(cos.dtype).tiny), cs)
+        cs = torch.where(row < col, cs * row / col, cs)
         wv = (1.0 - cs.max(dim=1).values).clamp(0.0, 1.0)
         top = wv.max()
-        if float(top) <= 0:
+        if float(top) <= 0:  # the code would divide by 0 here (NaN for everyone)
             return torch.zeros_like(wv)
         wv = wv / top
         wv = torch.where(wv == 1.0, torch.full_like(wv, 0.99), wv)
-        # log(0) = -inf is clamped to weight 0, as in the reference code.
-        wv = kappa * (torch.log(wv / (1.0 - wv)) + 0.5)
-        return wv.nan_to_num(nan=0.0).clamp(0.0, 1.0)
+        # Logit: log(wv / (1 - wv) + eps) + 0.5, inf or > 1 -> 1, < 0 -> 0 (as the code).
+        wv = kappa * (torch.log(wv / (1.0 - wv) + eps) + 0.5)
+        return wv.nan_to_num(nan=0.0, posinf=1.0).clamp(0.0, 1.0)
