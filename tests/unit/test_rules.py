@@ -479,7 +479,7 @@ def test_conditions_on_n_are_explained(name, options, n, match):
     "name,options,match",
     [
         ("trimmed_mean", {"beta": 0.5}, r"'beta' must be in \[0, 0.5\)"),
-        ("trimmed_mean", {"beta": "0.1"}, "option 'beta' expected float, got '0.1'"),
+        ("trimmed_mean", {"beta": "0.1"}, "option 'beta' expected float | null, got '0.1'"),
         ("trimmed_mean", {"trim": -1}, "'trim' must be an integer >= 0"),
         ("krum", {"num_malicious": -1}, "'num_malicious' must be an integer >= 0"),
         ("krum", {"num_malicious": True}, "option 'num_malicious' expected int | null, got True"),
@@ -742,7 +742,12 @@ def test_a_scenario_trimming_fewer_than_its_attackers_is_refused_before_it_runs(
 
     heart = str(Path(__file__).resolve().parents[2] / "scenarios" / "heart_fedavg.yaml")
     attacks = "attacks=[{preset: gaussian, hospitals: [2, 3]}]"
-    with pytest.raises(ScenarioError, match=r"key 'strategy.trim': trims 1 values at each end, fewer than the f = 2"):
+    with pytest.raises(ScenarioError, match=r"key 'strategy.trim': .*'trim' = 1 trims fewer values at each end "
+                                            r"than the f = 2"):
         load_scenario(heart, ["strategy={rule: trimmed_mean, trim: 1}", attacks])
-    load_scenario(heart, ["strategy={preset: trimmed_mean}", attacks])  # trim = f by default
-    load_scenario(heart, ["strategy={rule: trimmed_mean, trim: 1}", "attacks=[{preset: gaussian, hospitals: [3]}]"])
+    # trim = f = 2 of 4 hospitals leaves nothing to average: refused too, naming the bound
+    with pytest.raises(ScenarioError, match=r"key 'strategy': trimmed_mean tolerates .* needs at least 5 hospitals"):
+        load_scenario(heart, ["strategy={preset: trimmed_mean}", attacks])
+    one = "attacks=[{preset: gaussian, hospitals: [3]}]"
+    assert load_scenario(heart, ["strategy={preset: trimmed_mean}", one]).strategy["rule"] == "trimmed_mean"
+    load_scenario(heart, ["strategy={rule: trimmed_mean, trim: 1}", one])
