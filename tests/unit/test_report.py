@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fedsec.analysis import report as rp
-from fedsec.sweep import collect_rows
+from fedsec.analysis.tables import collect_rows
 from tests.unit.test_sweep import make_fake_sweep
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedsec import sweep as sw
+from fedsec.analysis import tables as tb
 from fedsec.errors import ScenarioError
 from fedsec.scenario import load_scenario
 
@@ -270,7 +271,7 @@ def _read_csv(path):
 
 def test_tables_match_hand_computed_means_and_stds(tmp_path):
     root = make_fake_sweep(tmp_path / "sw")
-    paths = sw.write_tables(root)
+    paths = tb.write_tables(root)
     rows = _read_csv(paths["sweep_csv"])
     assert len(rows) == 18  # one per cell and seed
     failed = [r for r in rows if r["status"] == "failed"]
@@ -310,25 +311,25 @@ def test_tables_match_hand_computed_means_and_stds(tmp_path):
 
 def test_tables_rows_cols_and_metric_are_user_choices(tmp_path):
     root = make_fake_sweep(tmp_path / "sw", failed=None)
-    paths = sw.write_tables(root, rows="strategy", cols="attacks", metric="accuracy")
+    paths = tb.write_tables(root, rows="strategy", cols="attacks", metric="accuracy")
     md = paths["summary_md"].read_text()
     assert "| strategy \\ attacks | attacks=none | attacks=ehr_trigger | attacks=sign_flip |" in md
     assert "**accuracy**" in md and "| fedavg | 0.700 ± 0.000 |" in md
     with pytest.raises(Exception, match="metric"):
-        sw.write_tables(root, metric="f1")
+        tb.write_tables(root, metric="f1")
 
 
 def test_default_axes():
-    assert sw.default_axes(["strategy", "attacks"]) == ("attacks", "strategy")
-    assert sw.default_axes(["federation.local.lr", "federation.rounds"]) == ("federation.local.lr", "federation.rounds")
-    assert sw.default_axes(["strategy"]) == ("strategy", None)
-    assert sw.default_axes(["attacks", "strategy"], rows="strategy") == ("strategy", "attacks")
-    assert sw.default_axes([]) == (None, None)
+    assert tb.default_axes(["strategy", "attacks"]) == ("attacks", "strategy")
+    assert tb.default_axes(["federation.local.lr", "federation.rounds"]) == ("federation.local.lr", "federation.rounds")
+    assert tb.default_axes(["strategy"]) == ("strategy", None)
+    assert tb.default_axes(["attacks", "strategy"], rows="strategy") == ("strategy", "attacks")
+    assert tb.default_axes([]) == (None, None)
 
 
 def test_attack_metric_priority():
-    assert sw.attack_metric_of({"asr": 0.5, "psnr": 20.0}) == ("asr", 0.5)
-    assert sw.attack_metric_of({"psnr": 20.0, "ssim": 0.5, "seconds": 3.0}) == ("psnr", 20.0)
-    assert sw.attack_metric_of({"h0/psnr": 10.0, "h1/psnr": 20.0}) == ("psnr", 15.0)
-    assert sw.attack_metric_of({"auroc_mean": 0.6}) == ("auroc_mean", 0.6)
-    assert sw.attack_metric_of({}) == (None, None)
+    assert tb.attack_metric_of({"asr": 0.5, "psnr": 20.0}) == ("asr", 0.5)
+    assert tb.attack_metric_of({"psnr": 20.0, "ssim": 0.5, "seconds": 3.0}) == ("psnr", 20.0)
+    assert tb.attack_metric_of({"h0/psnr": 10.0, "h1/psnr": 20.0}) == ("psnr", 15.0)
+    assert tb.attack_metric_of({"auroc_mean": 0.6}) == ("auroc_mean", 0.6)
+    assert tb.attack_metric_of({}) == (None, None)

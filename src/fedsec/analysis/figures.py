@@ -142,7 +142,7 @@ def _metric_series(run: RunInfo, key: str) -> tuple[list[int], list[float]]:
 
 
 def _attack_series(run: RunInfo) -> dict[str, tuple[list[int], list[float]]]:
-    from fedsec.sweep import ATTACK_METRICS
+    from fedsec.analysis.tables import ATTACK_METRICS
 
     out: dict[str, tuple[list[int], list[float]]] = {}
     for r in run.rounds:

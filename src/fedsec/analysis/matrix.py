@@ -108,7 +108,7 @@ def matrix_axes(keys: list[str], rows: str | None, cols: str | None) -> tuple[st
     """(attack axis, defense axis, grid keys averaged over). The attack axis is --rows or the
     ``attacks`` grid key, the defense axis --cols or ``strategy``; a missing axis comes from the
     runs' scenarios (one row / one column). With neither, the table's first two grid keys."""
-    from fedsec.sweep import default_axes
+    from fedsec.analysis.tables import default_axes
 
     r = rows or ("attacks" if "attacks" in keys else None)
     c = cols or ("strategy" if "strategy" in keys else None)
@@ -131,7 +131,7 @@ def _threat_group(threat: dict, is_reference: bool) -> str:
 
 def build_matrix(rows: list[dict], keys: list[str], row_key: str | None, col_key: str | None,
                  metric: str) -> RiskMatrix:
-    """From sweep rows (fedsec.sweep.collect_rows) to the attack x defense matrix; seeds
+    """From sweep rows (fedsec.analysis.tables.collect_rows) to the attack x defense matrix; seeds
     (and grid keys other than rows / cols) are averaged."""
     for r in rows:
         sc = _scenario_of(r)

@@ -207,7 +207,7 @@ def report_run(run_dir: Path, metric: str = "auroc", out: Path | None = None) ->
     s = run.summary
     name = s.get("scenario") or run.scenario.get("name") or run_dir.name
     # a one-cell risk matrix from the run itself
-    from fedsec.sweep import attack_metric_of
+    from fedsec.analysis.tables import attack_metric_of
 
     am, av = attack_metric_of(s.get("attack") or {})
     row = {"status": s.get("status"), metric: _num((s.get("final") or {}).get(metric)), "attack_metric": am,
@@ -244,7 +244,7 @@ def _tags(t) -> str:
 
 def report_sweep(sweep_dir: Path, rows: str | None = None, cols: str | None = None, metric: str | None = None,
                  out: Path | None = None, max_curves: int = 60) -> Path:
-    from fedsec.sweep import collect_rows, default_axes, load_sweep, write_tables
+    from fedsec.analysis.tables import collect_rows, default_axes, load_sweep, write_tables
 
     meta = load_sweep(sweep_dir)
     opts = meta.get("table") or {}
@@ -275,7 +275,7 @@ def report_sweep(sweep_dir: Path, rows: str | None = None, cols: str | None = No
     sections.append(("risk-matrix", "Risk matrix", content))
 
     # summary table (summary.md as HTML)
-    from fedsec.sweep import aggregate, format_cell
+    from fedsec.analysis.tables import aggregate, format_cell
 
     agg = aggregate(data, keys, row_key, col_key, metric)
     extra = [k for k in keys if k not in (row_key, col_key) and k != "seed"]
@@ -382,7 +382,7 @@ def cmd_report(args) -> int:
         return 0
     if not args.path:
         raise FedsecError("give a run or sweep folder (or --threat-map)")
-    from fedsec.sweep import METRIC_KEYS
+    from fedsec.analysis.tables import METRIC_KEYS
 
     if args.metric and args.metric not in METRIC_KEYS:
         raise FedsecError(f"--metric '{args.metric}': one of {', '.join(METRIC_KEYS)}")
