@@ -73,6 +73,10 @@ class Attack:
     simulation_only: bool = False  # True for omniscient coalitions (collude hook)
     # option name -> default: exactly the keys an ``attacks/<preset>.yaml`` may set
     defaults: ClassVar[dict] = {}
+    # attributes that carry over between rounds (history an attack keeps): saved in the run's
+    # checkpoint by state_dict() so a resumed run continues the attack exactly. Caches that
+    # are a function of the options and data need not be listed.
+    state_attributes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **options):
         """Options are exactly the YAML preset's keys; unknown ones raise FedsecError."""
@@ -81,6 +85,22 @@ class Attack:
     def option_error(self, option: str, message: str) -> FedsecError:
         """A FedsecError that names this attack and the offending option."""
         return FedsecError(f"attack '{self.name}': option '{option}' {message} (got {self.options.get(option)!r})")
+
+    def state_dict(self) -> dict:
+        """The server-side attack's state kept between rounds (``state_attributes``), for the
+        checkpoint. An attack whose state is not plain attributes overrides this and
+        :meth:`load_state_dict`. (Client-side hooks must not keep state between rounds: each
+        round's message may reach any Ray actor, so they derive everything from the round
+        and the seed.)"""
+        return {k: copy.deepcopy(getattr(self, k)) for k in self.state_attributes}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned (resuming a run)."""
+        unknown = sorted(set(state) - set(self.state_attributes))
+        if unknown:
+            raise FedsecError(f"attack '{self.name}': the checkpoint holds state {unknown} this attack does not keep")
+        for k, v in state.items():
+            setattr(self, k, copy.deepcopy(v))
 
     # --- ClientApp side -------------------------------------------------------------------
     def poison_data(self, data: Split, rng: np.random.Generator, ctx: AttackContext) -> Split:

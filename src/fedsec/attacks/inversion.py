@@ -763,6 +763,7 @@ class GradientInversionAttack(Attack):
 
     goal = "confidentiality"
     kind = "inversion"
+    state_attributes = ("artifacts",)  # the figures written in earlier rounds
 
     def __init__(self, target_hospital=0, target_round=1, max_images: int = 8, local_lr: float | None = None,
                  local_epochs: int | None = None, local_batch_size: int | None = None,
