@@ -12,9 +12,10 @@ The mechanism is Flower's ``DifferentialPrivacy{Server,Client}Side{Fixed,Adaptiv
 from ``flwr.serverapp.strategy``, subclassed here (their options and checks, client-side
 ``configure_train`` that sends the clipping norm, ``compute_stdv``). It is *not* an outer
 wrapper around the aggregation: :func:`wrap_central_dp` installs it on FedsecStrategy, whose
-round clips after the colluding coalition has forged its updates (an outer wrapper clips the
-replies before the strategy runs, so forged updates escaped clipping: IPM gave an applied
-update of norm 20.9 under clipping norm 1.0) and adds noise after the aggregation rule
+round clips after the colluding coalition has forged its updates (as an outer wrapper it
+clipped the replies before the strategy ran, so forged updates escaped clipping: with IPM,
+eps 10, on heart_fedavg it clipped the two hospitals' honest updates, norms 0.13 and 0.20,
+and let their forged ones, norm 3.5, into the mean) and adds noise after the aggregation rule
 (docs/design.md, "The server's round"). What fedsec changes from Flower, and why (Flower 1.41
 behaviour read in ``flwr/serverapp/strategy/dp_*.py``):
 
