@@ -14,8 +14,9 @@ from ``flwr.serverapp.strategy``, subclassed here (their options and checks, cli
 wrapper around the aggregation: :func:`wrap_central_dp` installs it on FedsecStrategy, whose
 round clips after the colluding coalition has forged its updates (as an outer wrapper it
 clipped the replies before the strategy ran, so forged updates escaped clipping: with IPM,
-eps 10, on heart_fedavg it clipped the two hospitals' honest updates, norms 0.13 and 0.20,
-and let their forged ones, norm 3.5, into the mean) and adds noise after the aggregation rule
+eps 10, on heart_fedavg it checked the two hospitals' honest updates, norms 0.13 and 0.20,
+and the forged ones that replaced them, norm 3.5, reached the mean unclipped) and adds noise
+after the aggregation rule
 (docs/design.md, "The server's round"). What fedsec changes from Flower, and why (Flower 1.41
 behaviour read in ``flwr/serverapp/strategy/dp_*.py``):
 
