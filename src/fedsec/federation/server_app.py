@@ -198,8 +198,8 @@ class FedsecStrategy(FedAvg):
         self.node_of = {h: nid for nid, h in mapping.items()}
 
     def add_round_info(self, section: str, info: dict) -> None:
-        """Strategy wrappers (central DP, secure aggregation) add their figures to this round's
-        record (called after ``aggregate_train``, before the record is written)."""
+        """Add figures to this round's record under ``section`` (central DP's step, the secure
+        aggregation wrapper after ``aggregate_train``; before the record is written)."""
         self._train_info.setdefault(section, {}).update(info)
 
     def _r(self, server_round: int) -> int:
@@ -241,6 +241,8 @@ class FedsecStrategy(FedAvg):
         return self._messages(self._selected, arrays, config, MessageType.TRAIN)
 
     def aggregate_train(self, server_round, replies):
+        """The server's round: the replies -> (the new global model, the mean training loss),
+        through the steps below in this order (each documents its input and output)."""
         r = self._r(server_round)
         with self._server_rng(r):
             kept, problems = self.collect_replies(r, replies)
@@ -276,7 +278,8 @@ class FedsecStrategy(FedAvg):
         the round's record (selection, failures, per-hospital training figures)."""
         finite = [finite_arrays(m.content) for m in replies]
         problems += [f"{self._name(int(m.content['metrics']['hospital']))}: its update has NaN or infinite values "
-                     "(local training diverged?); left out of the aggregate" for m, ok in zip(replies, finite) if not ok]
+                     "(local training diverged?); left out of the aggregate"
+                     for m, ok in zip(replies, finite) if not ok]
         kept = sorted((m for m, ok in zip(replies, finite) if ok), key=lambda m: int(m.content["metrics"]["hospital"]))
         self._require(r, len(kept), problems, len(self._selected), "training")
         contents = [m.content for m in kept]
