@@ -24,7 +24,8 @@ message in the legacy FitIns layout and expects a FitRes-layout reply. fedsec br
   the *aggregate* (plus that hospital's clear-text metrics); FedsecStrategy knows (this
   wrapper sets its ``sees_individual_updates`` to False) that every row is the aggregate:
   its observers see only that, it takes it as the round's update, and its bookkeeping
-  (losses, failures, records) works as usual; hospitals that dropped out get an error reply naming the SecAgg+ failure.
+  (losses, failures, records) works as usual; hospitals that dropped out get an error
+  reply naming the SecAgg+ failure.
 - client: :func:`secagg_mod` for ``@app.train(mods=[secagg_mod, ...])`` runs Flower's
   ``secaggplus_mod`` on SecAgg+ messages only (others pass through) and, in the masking
   stage, calls the unchanged fedsec train handler and turns its reply into the FitRes layout:
