@@ -1,5 +1,5 @@
 """A run with state that carries over between rounds, killed with SIGKILL mid-run and
-resumed with ``--resume``, ends with exactly the metrics of an uninterrupted run, every
+resumed with ``fedsec run --resume DIR``, ends with exactly the metrics of an uninterrupted run, every
 round: centered clipping (its center) and FoolsGold (its histories), each with an attack
 that is active only in a window of rounds (``rounds: [a, b]``). The pattern of the kill is
 test_ray_quickstart.py's."""
@@ -77,7 +77,7 @@ def _kill_mid_run(overrides: list[str], out: Path, tmp: str) -> None:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_killed_stateful_run_resumes_to_exactly_the_uninterrupted_metrics(case, tmp_path, monkeypatch):
+def test_killed_stateful_run_resumes_to_exactly_the_uninterrupted_metrics(case, tmp_path):
     import torch
 
     overrides = [f"federation.rounds={ROUNDS}", *CASES[case]]
@@ -94,10 +94,14 @@ def test_killed_stateful_run_resumes_to_exactly_the_uninterrupted_metrics(case, 
         ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
         assert KILL_AFTER - 1 <= ckpt["round"] < ROUNDS, "the kill should land mid-run, inside the attack's window"
         assert ckpt["server"]["rule"]["name"] == case and ckpt["server"]["rule"]["state"]
-        monkeypatch.setattr(tempfile, "tempdir", tmp)  # the resumed run cleans up after the killed one
-        summary = fedsec.run(None, resume=out, progress=False)
+        # the command line, as a user resumes; same TMPDIR, so it cleans up after the killed run
+        done = subprocess.run([sys.executable, "-m", "fedsec.cli", "run", "--resume", str(out)],
+                              capture_output=True, text=True, env={**os.environ, "TMPDIR": tmp}, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert [d for d in os.listdir(tmp) if d.startswith("fedsec-ray-")] == [], "Ray's temp dirs left behind"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["rounds"] == ROUNDS
     resumed = _rounds(out)
     assert [r["round"] for r in resumed] == list(range(1, ROUNDS + 1))
