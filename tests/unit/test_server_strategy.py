@@ -118,6 +118,33 @@ def test_selection_is_seeded_by_round_and_attackers_join_every_active_round():
         assert q == (sorted(set(p) | {2, 3}) if r in (3, 4) else p)
 
 
+def test_dp_sgd_hospitals_are_told_the_rounds_they_were_selected_in():
+    """DP-SGD's epsilon counts the rounds a hospital trained in; a resumed run's nodes have no
+    history, so the server sends each hospital its own selected rounds (seeded: the same
+    after a resume) and the accountant counts those instead of every earlier round."""
+    from flwr.app import RecordDict as State
+
+    from fedsec.privacy.dp_sgd import count_participation
+
+    over = {"federation": {"fraction_train": 0.5}, "privacy": {"dp_sgd": {"noise_multiplier": 1.0}}}
+    s = make_strategy(**over)
+    sent = {}
+    for r in range(1, 7):
+        for m in s.configure_train(r, global_arrays(), ConfigRecord({}), None):
+            sent[(r, m.metadata.dst_node_id - 100)] = list(m.content["config"]["dp-rounds"])
+    selected = {h: [r for r in range(1, 7) if (r, h) in sent] for h in range(4)}
+    for (r, h), rounds in sent.items():
+        assert rounds == [t for t in selected[h] if t <= r]
+    assert any(len(v) < 6 for v in selected.values())  # not every hospital trains every round
+    # a resumed run: a fresh strategy tells the same, a fresh node counts exactly
+    later = make_strategy(**over)
+    r, h = max(sent)
+    msgs = {m.metadata.dst_node_id - 100: m for m in later.configure_train(r, global_arrays(), ConfigRecord({}), None)}
+    assert list(msgs[h].content["config"]["dp-rounds"]) == sent[(r, h)]
+    assert count_participation(State(), r, sent[(r, h)]) == len(sent[(r, h)])
+    assert count_participation(State(), r) == r  # without it: every earlier round (upper bound)
+
+
 # ---- dropped replies ---------------------------------------------------------------------
 
 def test_failed_and_non_finite_replies_are_dropped_and_named():

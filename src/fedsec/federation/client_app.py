@@ -128,8 +128,9 @@ def train(msg: Message, context: Context) -> Message:
     if privacy.dp_sgd:  # record-level DP: Opacus, epsilon from this hospital's history
         from fedsec.privacy.dp_sgd import DPConfig, count_participation, train_dp_sgd
 
+        rounds = count_participation(context.state, server_round, config.get("dp-rounds"))
         res = train_dp_sgd(model, data, task, scenario.federation.local, DPConfig.parse(privacy.dp_sgd),
-                           generator=generator, participations=count_participation(context.state, server_round),
+                           generator=generator, participations=rounds,
                            planned_rounds=scenario.federation.rounds, device=device)
         stats, dp_metrics = {"loss": res.loss, "steps": res.steps}, res.metrics()
     else:

@@ -129,6 +129,7 @@ class FedsecStrategy(FedAvg):
         self.rounds_done = 0
         self.last_record: dict | None = None
         self.num_hospitals = n
+        self._train_selections: dict[int, set[int]] = {}  # round -> hospitals selected to train
         # central DP's mechanism (fedsec.privacy.central_dp.wrap_central_dp installs it): its
         # clipping and noise are steps of the round
         self.central_dp = None
@@ -222,9 +223,17 @@ class FedsecStrategy(FedAvg):
                     chosen.update(h for h in p.hospitals if h in self.node_of)
         return sorted(chosen)
 
-    def _messages(self, hospitals: list[int], arrays: ArrayRecord, config: ConfigRecord, kind: str):
+    def _messages(self, hospitals: list[int], arrays: ArrayRecord, config: ConfigRecord, kind: str,
+                  own_config: Callable[[int], dict] | None = None):
+        """One message per hospital; ``own_config(h)``: entries added to hospital h's config only."""
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return [Message(content=record, message_type=kind, dst_node_id=self.node_of[h]) for h in hospitals]
+        def content(h: int) -> RecordDict:
+            if own_config is None:
+                return record
+            return RecordDict({self.arrayrecord_key: arrays,
+                               self.configrecord_key: ConfigRecord({**dict(config), **own_config(h)})})
+
+        return [Message(content=content(h), message_type=kind, dst_node_id=self.node_of[h]) for h in hospitals]
 
     # ---- training: the server's round as a pipeline -------------------------------------
     # aggregate_train runs these steps in this order (docs/design.md, "The server's round"):
@@ -238,7 +247,23 @@ class FedsecStrategy(FedAvg):
         if self.central_dp is not None and not self.central_dp.server_side:
             config[KEY_CLIPPING_NORM] = float(self.central_dp.clipping_norm)  # clipping_mod clips to it
         self._selected = self._select(r, self.fraction_train, 1)
+        if self.scenario.privacy.dp_sgd:
+            # DP-SGD's accountant counts the rounds a hospital trained in; the node keeps them in
+            # its Context.state, which a resumed run does not have: tell each hospital the
+            # rounds it was selected in (a function of seed and round), so its epsilon after a
+            # resume is the uninterrupted run's (fedsec.privacy.dp_sgd.count_participation)
+            return self._messages(self._selected, arrays, config, MessageType.TRAIN,
+                                  lambda h: {"dp-rounds": self._rounds_selected(h, r)})
         return self._messages(self._selected, arrays, config, MessageType.TRAIN)
+
+    def _rounds_selected(self, hospital: int, r: int) -> list[int]:
+        """The training rounds 1..r in which ``hospital`` was selected (seeded, so the same
+        after a resume)."""
+        cache = self._train_selections
+        for t in range(1, r + 1):
+            if t not in cache:
+                cache[t] = set(self._select(t, self.fraction_train, 1))
+        return [t for t in range(1, r + 1) if hospital in cache[t]]
 
     def aggregate_train(self, server_round, replies):
         """The server's round: the replies -> (the new global model, the mean training loss),

@@ -170,21 +170,23 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
         return float(acc.get_epsilon(delta=delta))
 
 
-def count_participation(state, server_round: int) -> int:
+def count_participation(state, server_round: int, selected=None) -> int:
     """Record that this hospital trains in ``server_round`` and return how many rounds it has
     trained in so far (this one included).
 
     ``state`` is the node's ``Context.state`` (a RecordDict that Flower keeps per node across
     the run). If it holds no history (first call of the run, a resumed run, a restarted
-    node), every round before ``server_round`` is counted as trained in: an upper bound, exact
-    when the hospital trains every round.
+    node), the rounds the server says it selected this hospital in (``selected``, the train
+    config's "dp-rounds") are counted, else every round before ``server_round``: an upper
+    bound either way (a selected hospital may have failed), exact when it trained each time.
     """
     from flwr.app import ConfigRecord
 
     rec = state.config_records.get(STATE_KEY)
     rounds = set(int(r) for r in rec["rounds"]) if rec is not None and "rounds" in rec else set()
     if not rounds:
-        rounds = set(range(1, int(server_round)))
+        rounds = ({int(r) for r in selected if int(r) < int(server_round)} if selected is not None
+                  else set(range(1, int(server_round))))
     rounds.add(int(server_round))
     state.config_records[STATE_KEY] = ConfigRecord({"rounds": sorted(rounds)})
     return len(rounds)
