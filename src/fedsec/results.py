@@ -4,7 +4,8 @@
     manifest.json   versions, git commit, seed, engine, start/end, status
     rounds.jsonl    one record per round, appended and flushed (fsync) as each round ends
     summary.json    final figures (status "completed" | "failed" | "running")
-    checkpoint.pt   the global model after the last finished round (for --resume)
+    checkpoint.pt   after the last finished round: the global model and the server's state
+                    (rule, attacks, central DP), so --resume ends exactly as an uninterrupted run
 
 JSON files are written atomically (temp file + rename): a killed run never leaves a
 half-written summary, and every finished round stays in rounds.jsonl.
@@ -137,22 +138,36 @@ class RunDir:
         rounds = self.read_rounds()[:keep]
         atomic_write(self.rounds_file, "".join(json.dumps(r) + "\n" for r in rounds))
 
-    def save_checkpoint(self, server_round: int, state: dict, extra: dict | None = None) -> None:
+    CHECKPOINT_FORMAT = 2
+
+    def save_checkpoint(self, server_round: int, state: dict, server: dict | None = None) -> None:
+        """Atomically write checkpoint.pt: {"format", "round", "state" (the global model's
+        state dict), "server" (FedsecStrategy.state_dict(): the aggregation rule's state,
+        each attack's, central DP's clipping norm and accountant)}. Written after the round's
+        record, so the checkpoint never runs ahead of rounds.jsonl."""
         import torch
 
         tmp = self.checkpoint_file.with_suffix(".tmp")
-        torch.save({"round": server_round, "state": state, **(extra or {})}, tmp)
+        torch.save({"format": self.CHECKPOINT_FORMAT, "round": int(server_round), "state": state,
+                    "server": server}, tmp)
         os.replace(tmp, self.checkpoint_file)
 
     def load_checkpoint(self) -> dict | None:
+        """checkpoint.pt as saved (None when there is none). "server" is None in a checkpoint
+        from before the server's state was saved (format 1): such a run resumes with fresh
+        rule and attack state."""
         import torch
 
         if not self.checkpoint_file.exists():
             return None
         try:
-            return torch.load(self.checkpoint_file, weights_only=False)
+            ckpt = torch.load(self.checkpoint_file, weights_only=False)
         except Exception as err:  # a corrupt checkpoint must not be silently ignored
             raise FedsecError(f"{self.checkpoint_file}: cannot read the checkpoint ({err})") from None
+        if not isinstance(ckpt, dict) or "round" not in ckpt or "state" not in ckpt:
+            raise FedsecError(f"{self.checkpoint_file}: not a fedsec checkpoint (no 'round' / 'state')")
+        ckpt.setdefault("server", None)
+        return ckpt
 
 
 def git_commit(root: Path) -> str | None:

@@ -122,12 +122,12 @@ def run(scenario, overrides=None, out=None, verbose: bool = False, resume: str |
     _check_privacy(scenario, task)  # privacy options and combinations, before any engine starts
     hospitals = hospital_names(scenario, task)
 
-    initial_state, offset = None, 0
+    initial_state, offset, server_state = None, 0, None
     manifest = new_manifest(scenario, run_dir)
     if resume is not None:
         ckpt = run_dir.load_checkpoint()
-        if ckpt is not None:
-            initial_state, offset = ckpt["state"], int(ckpt["round"])
+        if ckpt is not None:  # the model and the server's state (rule, attacks, central DP)
+            initial_state, offset, server_state = ckpt["state"], int(ckpt["round"]), ckpt["server"]
         run_dir.truncate_rounds(offset)
         old = run_dir.path / "manifest.json"
         if old.exists():
@@ -147,7 +147,7 @@ def run(scenario, overrides=None, out=None, verbose: bool = False, resume: str |
     status, error = "failed", None
     try:
         _engine_run(scenario, hospitals, task, run_dir, Progress(scenario, progress, tracker=tracker), verbose,
-                    initial_state, offset)
+                    initial_state, offset, server_state)
         status = "completed"
     except KeyboardInterrupt:
         status, error = "interrupted", "interrupted by the user"
@@ -172,7 +172,7 @@ def run(scenario, overrides=None, out=None, verbose: bool = False, resume: str |
     return summary
 
 
-def _engine_run(scenario, hospitals, task, run_dir, on_round, verbose, initial_state, offset):
+def _engine_run(scenario, hospitals, task, run_dir, on_round, verbose, initial_state, offset, server_state=None):
     from fedsec.federation.server_app import serve
 
     if scenario.engine.name == "ray":
@@ -182,7 +182,7 @@ def _engine_run(scenario, hospitals, task, run_dir, on_round, verbose, initial_s
             initial_state = task.make_model(seed=scenario.seed).state_dict()
 
         def serve_fn(grid):
-            return serve(grid, scenario, hospitals, run_dir, on_round, task, initial_state, offset)
+            return serve(grid, scenario, hospitals, run_dir, on_round, task, initial_state, offset, server_state)
 
         return run_ray(scenario, serve_fn, len(hospitals), verbose)
     raise FedsecError(f"engine.name={scenario.engine.name}: use `fedsec deploy` to run on real Flower nodes")

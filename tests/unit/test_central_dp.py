@@ -91,8 +91,13 @@ def test_server_side_clipping_bounds_each_update_and_the_mean_is_of_clipped_upda
     wrapper = wrap_central_dp(strategy, {"noise_multiplier": 0.0, "clipping_norm": 1.0}, 4, seed=0)
     rng = np.random.default_rng(0)
     updates = [rng.normal(size=7) * s for s in (0.1, 1.0, 3.0, 10.0)]
+    seen = []
+    clip = strategy.central_dp.clip_updates
+    strategy.central_dp.clip_updates = lambda u, names: seen.append(clip(u, names)) or seen[-1]
     arrays, replies = run_round(wrapper, 1, updates)
-    clipped = [flat(r.content["arrays"]) for r in replies]
+    # the replies are left as received; the round aggregates clipped copies of the updates
+    np.testing.assert_allclose(flat(replies[3].content["arrays"]), updates[3], rtol=1e-6)
+    clipped = seen[0].numpy()
     for u, c in zip(updates, clipped):
         norm = np.linalg.norm(u)
         assert np.linalg.norm(c) <= 1.0 + 1e-5
@@ -101,6 +106,7 @@ def test_server_side_clipping_bounds_each_update_and_the_mean_is_of_clipped_upda
     np.testing.assert_allclose(flat(arrays), np.mean(clipped, axis=0), atol=1e-6)
     info = strategy._train_info["privacy"]["central_dp"]
     assert set(info["clipped"]) == {NAMES[h] for h, u in enumerate(updates) if np.linalg.norm(u) > 1.0}
+    assert info["update_norms"]["va"] == pytest.approx(np.linalg.norm(updates[3]), rel=1e-6)
     assert info["epsilon"] == float("inf")  # z = 0: clipping only
 
 

@@ -105,6 +105,11 @@ class Attack:
     success_metric: ClassVar[str | None] = None
     success_wording: ClassVar[str | None] = None
 
+    # attributes that carry over between rounds (history an attack keeps): saved in the run's
+    # checkpoint by state_dict() so a resumed run continues the attack exactly. Caches that
+    # are a function of the options and data need not be listed.
+    state_attributes: ClassVar[tuple[str, ...]] = ()
+
     # The attack's options, exactly the keys an ``attacks/<preset>.yaml`` may set, are declared
     # by each subclass as a nested dataclass ``Options`` (fields typed, with
     # ``fedsec.registry.option``), or as typed keyword parameters of its constructor.
@@ -157,6 +162,22 @@ class Attack:
         """A ScenarioError that names this attack and the offending option (as its key)."""
         return ScenarioError(f"attack '{self.name}': option '{option}' {message} "
                              f"(got {self.options.get(option)!r})", key=option)
+
+    def state_dict(self) -> dict:
+        """The server-side attack's state kept between rounds (``state_attributes``), for the
+        checkpoint. An attack whose state is not plain attributes overrides this and
+        :meth:`load_state_dict`. (Client-side hooks must not keep state between rounds: each
+        round's message may reach any Ray actor, so they derive everything from the round
+        and the seed.)"""
+        return {k: copy.deepcopy(getattr(self, k)) for k in self.state_attributes}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned (resuming a run)."""
+        unknown = sorted(set(state) - set(self.state_attributes))
+        if unknown:
+            raise FedsecError(f"attack '{self.name}': the checkpoint holds state {unknown} this attack does not keep")
+        for k, v in state.items():
+            setattr(self, k, copy.deepcopy(v))
 
     # --- ClientApp side -------------------------------------------------------------------
     def poison_data(self, data: Split, rng: np.random.Generator, ctx: AttackContext) -> Split:

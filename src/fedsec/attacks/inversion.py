@@ -771,6 +771,7 @@ class GradientInversionAttack(Attack):
     server_only = True
     success_metric = "psnr"
     success_wording = "PSNR (dB) of the reconstruction against the hospital's true batch"
+    state_attributes = ("artifacts",)  # the figures written in earlier rounds
 
     @_dataclass
     class Options:

@@ -69,3 +69,34 @@ def build_plans(scenario, num_hospitals: int) -> list[AttackPlan]:
 
 def all_malicious(plans: list[AttackPlan]) -> list[int]:
     return sorted({h for p in plans for h in p.hospitals})
+
+
+def forge_updates(plans: list[AttackPlan], server_round: int, hospitals: list[int], updates, *,
+                  num_hospitals: int, generator=None, extra: dict | None = None) -> list[int]:
+    """The server-side adversary: each active coalition (``collude`` hook) rewrites its own
+    hospitals' rows of ``updates`` in place, knowing the benign rows of the round.
+
+    hospitals: the hospital id of each row of ``updates`` (Tensor[n, d], local - global, as
+    received). extra: what the coalition knows besides the updates (global parameters, the
+    rule's name), passed on in ``AttackContext.extra``. A coalition with no hospital in the
+    round, or no benign hospital to learn from, sends its honest updates.
+    -> the rows rewritten (sorted).
+    """
+    from fedsec.attacks.base import AttackContext
+
+    malicious = set(all_malicious(plans))
+    rewritten: set[int] = set()
+    for p in plans:
+        if not (p.active(server_round) and p.has("collude")):
+            continue
+        mal_rows = [i for i, h in enumerate(hospitals) if h in p.hospitals]
+        benign_rows = [i for i, h in enumerate(hospitals) if h not in malicious]
+        if not mal_rows or not benign_rows:
+            continue
+        ctx = AttackContext(server_round, None, p.hospitals, num_hospitals, None, generator,
+                            extra={**(extra or {}), "malicious_updates": updates[mal_rows].clone()})
+        forged = p.attack.collude(updates[benign_rows], len(mal_rows), ctx)
+        if forged is not None:
+            updates[mal_rows] = forged.to(updates.dtype)
+            rewritten.update(mal_rows)
+    return sorted(rewritten)

@@ -1,13 +1,18 @@
 """The consortium server: Flower ServerApp (Message API) running fedsec's strategy.
 
-:class:`FedsecStrategy` is Flower's FedAvg with three changes:
+:class:`FedsecStrategy` is Flower's FedAvg with these changes:
 - hospitals are selected by id with a seeded RNG (Flower samples node ids at random, which
   would make runs irreproducible and can't force attackers into a round);
-- ``aggregate_train`` flattens the replies, lets the adversary (colluding coalition) rewrite
-  the malicious ones, lets observers look at what the server sees, then applies the robust
-  rule; plain FedAvg with no attacker on the server goes through Flower's own aggregation;
+- ``aggregate_train`` runs the server's round as a pipeline of named steps, in the order of
+  the threat model (docs/design.md, "The server's round"): collect replies -> drop failed
+  and non-finite ones -> the adversary (a colluding coalition forges its hospitals' updates)
+  -> server-side defenses (central DP's clipping) -> observers (what the server received, or
+  only the aggregate under secure aggregation) -> the aggregation rule -> noise (central DP)
+  -> apply. The round's record holds ``update_norm``, the norm of the applied update;
 - ``aggregate_evaluate`` computes exact union metrics from per-patient scores, evaluates
-  attack success on the global model, and appends one record per round to the results.
+  attack success on the global model, appends one record per round to the results and saves
+  the checkpoint (the global model and every state that carries over between rounds:
+  :meth:`FedsecStrategy.state_dict`), so a resumed run ends exactly as an uninterrupted one.
 A reply that carries an error fails the run with the hospital's name and the reason (Flower
 alone would log "0 results, N failures" and return empty metrics), unless
 ``federation.min_hospitals`` allows the round to go on without it.
@@ -15,9 +20,11 @@ alone would log "0 results, N failures" and return empty metrics), unless
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -25,13 +32,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedsec.attacks.base import AttackContext
 from fedsec.errors import FedsecError
-from fedsec.federation.adversary import AttackPlan, all_malicious
 from fedsec.core.params import flatten_state, unflatten_state
-from fedsec.metrics import METRIC_KEYS, classification_metrics
+from fedsec.federation.adversary import AttackPlan, all_malicious, forge_updates
+from fedsec.metrics import classification_metrics
 
 log = logging.getLogger("fedsec")
 
@@ -49,6 +56,41 @@ def finite_arrays(content: RecordDict) -> bool:
 
 def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def weighted_mean(updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """FedAvg: Tensor[n, d], Tensor[n] (sample counts) -> Tensor[d] in updates' dtype."""
+    w = weights.double() / weights.double().sum()
+    return w.to(updates.dtype) @ updates
+
+
+@dataclass
+class ServerRound:
+    """One training round on its way through FedsecStrategy's pipeline. Row i of every
+    tensor is hospital ``hospitals[i]`` (ids ascending).
+
+    number: the round, 1-based, counted over resumed runs. contents: the replies' RecordDicts.
+    weights: Tensor[n] float64 sample counts. global_params: Tensor[d], the global model's
+    float entries flattened; template: its state dict (shapes, dtypes, integer buffers).
+    updates: Tensor[n, d], local - global; steps replace it (forged rows, clipped rows).
+    received: Tensor[n, d], what the server received from the hospitals (forged updates
+    included, before any server-side defense): what observers see.
+    aggregate_only: secure aggregation: every row is the same aggregate; no hospital's own
+    update exists on the server. forged: hospital ids whose update the coalition forged.
+    generator: torch.Generator seeded by (scenario seed, round) for the steps that draw.
+    """
+
+    number: int
+    hospitals: list[int]
+    contents: list
+    weights: torch.Tensor
+    global_params: torch.Tensor
+    template: dict
+    updates: torch.Tensor
+    received: torch.Tensor | None
+    aggregate_only: bool
+    generator: torch.Generator
+    forged: list[int] = field(default_factory=list)
 
 
 class ServerTask:
@@ -86,7 +128,6 @@ class FedsecStrategy(FedAvg):
         self._train_info: dict = {}
         self.rounds_done = 0
         self.last_record: dict | None = None
-        self.rule_state_note = None
         self.num_hospitals = n
         self._dp_ledger = None  # DP-SGD: each hospital's epsilon over every round (fedsec.privacy.dp_sgd)
         if scenario.privacy.dp_sgd:
@@ -94,6 +135,58 @@ class FedsecStrategy(FedAvg):
 
             earlier = run_dir.read_rounds() if run_dir is not None and round_offset else []
             self._dp_ledger = EpsilonLedger.from_rounds(earlier)
+        # central DP's mechanism (fedsec.privacy.central_dp.wrap_central_dp installs it): its
+        # clipping and noise are steps of the round
+        self.central_dp = None
+        # False under secure aggregation (SecAggPlusStrategy sets it): the replies carry only
+        # the aggregate
+        self.sees_individual_updates = not scenario.privacy.secure_aggregation
+
+    # ---- state that carries over between rounds (checkpoint.pt) -------------------------
+    def state_dict(self) -> dict:
+        """Everything stateful on the server, for the checkpoint: the aggregation rule's state
+        (centered clipping's center, FoolsGold's histories), each attack's state, central
+        DP's clipping norm and accountant. No RNG state: every generator the server uses is
+        seeded by (scenario seed, round), and the round's global torch RNG too
+        (:meth:`_server_rng`), so nothing random carries over between rounds."""
+        return {
+            "rule": {"name": getattr(self.rule, "name", None),
+                     "state": self.rule.state_dict() if self.rule is not None else {}},
+            "attacks": [{"index": p.index, "name": p.name, "state": p.attack.state_dict()} for p in self.plans],
+            "central_dp": self.central_dp.state_dict() if self.central_dp is not None else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` when resuming; a checkpoint written by another scenario
+        (another rule, other attacks) is a FedsecError naming what differs."""
+        rule = state.get("rule") or {}
+        name = getattr(self.rule, "name", None)
+        if rule.get("name") != name:
+            raise FedsecError(f"checkpoint: written with aggregation rule {rule.get('name') or 'fedavg'!r}, "
+                              f"this scenario uses {name or 'fedavg'!r}")
+        if self.rule is not None:
+            self.rule.load_state_dict(rule.get("state") or {})
+        attacks = state.get("attacks") or []
+        if [(a["index"], a["name"]) for a in attacks] != [(p.index, p.name) for p in self.plans]:
+            raise FedsecError(f"checkpoint: written with attacks {[a['name'] for a in attacks]}, this scenario "
+                              f"has {[p.name for p in self.plans]}")
+        for p, a in zip(self.plans, attacks):
+            p.attack.load_state_dict(a["state"])
+        dp = state.get("central_dp")
+        if (dp is None) != (self.central_dp is None):
+            raise FedsecError("checkpoint: written " + ("with" if dp is not None else "without")
+                              + " privacy.central_dp, this scenario " + ("has it" if dp is None else "has none"))
+        if dp is not None:
+            self.central_dp.load_state_dict(dp)
+
+    @contextlib.contextmanager
+    def _server_rng(self, r: int):
+        """The global torch RNG seeded by (scenario seed, round) for the server's own work
+        (FLTrust's root training, observers' models), restored afterwards: a function of the
+        round alone, so a resumed run draws what an uninterrupted one drew."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_seed(self.scenario.seed, r, 9))
+            yield
 
     # ---- set-up ------------------------------------------------------------------------
     def _make_rule(self):
@@ -111,8 +204,8 @@ class FedsecStrategy(FedAvg):
         self.node_of = {h: nid for nid, h in mapping.items()}
 
     def add_round_info(self, section: str, info: dict) -> None:
-        """Strategy wrappers (central DP, secure aggregation) add their figures to this round's
-        record (called after ``aggregate_train``, before the record is written)."""
+        """Add figures to this round's record under ``section`` (central DP's step, the secure
+        aggregation wrapper after ``aggregate_train``; before the record is written)."""
         self._train_info.setdefault(section, {}).update(info)
 
     def _r(self, server_round: int) -> int:
@@ -135,16 +228,29 @@ class FedsecStrategy(FedAvg):
                     chosen.update(h for h in p.hospitals if h in self.node_of)
         return sorted(chosen)
 
-    def _messages(self, hospitals: list[int], arrays: ArrayRecord, config: ConfigRecord, kind: str):
+    def _messages(self, hospitals: list[int], arrays: ArrayRecord, config: ConfigRecord, kind: str,
+                  own_config: Callable[[int], dict] | None = None):
+        """One message per hospital; ``own_config(h)``: entries added to hospital h's config only."""
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return [Message(content=record, message_type=kind, dst_node_id=self.node_of[h]) for h in hospitals]
+        def content(h: int) -> RecordDict:
+            if own_config is None:
+                return record
+            return RecordDict({self.arrayrecord_key: arrays,
+                               self.configrecord_key: ConfigRecord({**dict(config), **own_config(h)})})
 
-    # ---- training ----------------------------------------------------------------------
+        return [Message(content=content(h), message_type=kind, dst_node_id=self.node_of[h]) for h in hospitals]
+
+    # ---- training: the server's round as a pipeline -------------------------------------
+    # aggregate_train runs these steps in this order (docs/design.md, "The server's round"):
+    #   collect_replies -> drop_unusable -> to_updates -> run_adversary -> apply_server_defenses
+    #   -> run_observers -> aggregate -> add_noise -> apply
     def configure_train(self, server_round, arrays, config, grid):
         r = self._r(server_round)
         self._round_t0 = time.perf_counter()
         self._global = arrays
         config["server-round"] = r
+        if self.central_dp is not None and not self.central_dp.server_side:
+            config[KEY_CLIPPING_NORM] = float(self.central_dp.clipping_norm)  # clipping_mod clips to it
         self._selected = self._select(r, self.fraction_train, 1)
         config["train-hospitals"] = list(self._selected)  # the round's participants (model replacement's n)
         if self._dp_ledger is not None:  # rounds each hospital was charged for: survives a lost node state
@@ -153,35 +259,49 @@ class FedsecStrategy(FedAvg):
             config[CHARGED_KEY] = self._dp_ledger.charged(self.hospitals)
         return self._messages(self._selected, arrays, config, MessageType.TRAIN)
 
-    def _check(self, server_round: int, replies, is_train: bool, expected: list[int]):
-        valid, errors = self._check_and_log_replies(list(replies), is_train=is_train, validate=False)
-        # A diverged hospital (NaN / inf weights) is a failed reply, not an update: one NaN would
-        # make every rule's output NaN. It counts against federation.min_hospitals like a crash.
-        finite = [not is_train or finite_arrays(m.content) for m in valid]
-        diverged = [m for m, ok in zip(valid, finite) if not ok]
-        valid = [m for m, ok in zip(valid, finite) if ok]
+    def aggregate_train(self, server_round, replies):
+        """The server's round: the replies -> (the new global model, the mean training loss),
+        through the steps below in this order (each documents its input and output)."""
+        r = self._r(server_round)
+        with self._server_rng(r):
+            kept, problems = self.collect_replies(r, replies)
+            kept = self.drop_unusable(r, kept, problems)
+            rnd = self.to_updates(r, kept)
+            self.run_adversary(rnd)
+            self.apply_server_defenses(rnd)
+            self.run_observers(rnd)
+            update = self.aggregate(rnd)
+            update = self.add_noise(rnd, update)
+            arrays = self.apply(rnd, update)
+        weights = [int(c["metrics"]["num-examples"]) for c in rnd.contents]
+        loss = sum(w * float(c["metrics"]["train_loss"]) for w, c in zip(weights, rnd.contents)) / max(sum(weights), 1)
+        return arrays, MetricRecord({"train_loss": loss})
+
+    def collect_replies(self, r: int, replies) -> tuple[list[Message], list[str]]:
+        """Step 1. Flower's replies -> (the replies without an error, problems): each problem
+        names a hospital that replied with an error or did not reply in time."""
+        valid, errors = self._check_and_log_replies(list(replies), is_train=True, validate=False)
         problems = [f"{self._name(self.hospital_of.get(m.metadata.src_node_id, -1))}: {m.error.reason}"
                     for m in errors]
-        problems += [f"{self._name(int(m.content['metrics']['hospital']))}: its update has NaN or infinite values "
-                     "(local training diverged?); left out of the aggregate" for m in diverged]
-        replied = ({int(m.content["metrics"]["hospital"]) for m in valid + diverged}
+        replied = ({int(m.content["metrics"]["hospital"]) for m in valid}
                    | {self.hospital_of.get(m.metadata.src_node_id, -1) for m in errors})
         problems += [f"{self._name(h)}: no reply within {self.scenario.federation.timeout_s:g} s"
-                     for h in expected if h not in replied]
-        need = self.scenario.federation.min_hospitals
-        need = len(expected) if need is None else min(need, len(expected))
-        if len(valid) < need:
-            phase = "training" if is_train else "evaluation"
-            raise FedsecError(
-                f"round {server_round}: {len(problems)} of {len(expected)} hospitals failed during {phase} "
-                f"(federation.min_hospitals={need}):\n  " + "\n  ".join(problems))
-        valid.sort(key=lambda m: int(m.content["metrics"]["hospital"]))  # order-independent sums
-        return valid, problems
+                     for h in self._selected if h not in replied]
+        return list(valid), problems
 
-    def aggregate_train(self, server_round, replies):
-        r = self._r(server_round)
-        valid, problems = self._check(r, replies, True, self._selected)
-        contents = [m.content for m in valid]
+    def drop_unusable(self, r: int, replies: list[Message], problems: list[str]) -> list[Message]:
+        """Step 2. Leave out updates with NaN or infinite values (one would make every rule's
+        output NaN), adding them to ``problems``; fail the run, naming every problem, when
+        fewer than ``federation.min_hospitals`` replies are left (default: all selected).
+        -> the usable replies sorted by hospital id (sums independent of arrival order). Starts
+        the round's record (selection, failures, per-hospital training figures)."""
+        finite = [finite_arrays(m.content) for m in replies]
+        problems += [f"{self._name(int(m.content['metrics']['hospital']))}: its update has NaN or infinite values "
+                     "(local training diverged?); left out of the aggregate"
+                     for m, ok in zip(replies, finite) if not ok]
+        kept = sorted((m for m, ok in zip(replies, finite) if ok), key=lambda m: int(m.content["metrics"]["hospital"]))
+        self._require(r, len(kept), problems, len(self._selected), "training")
+        contents = [m.content for m in kept]
         ids = [int(c["metrics"]["hospital"]) for c in contents]
         self._train_info = {
             "selected": [self._name(h) for h in self._selected],
@@ -197,57 +317,112 @@ class FedsecStrategy(FedAvg):
             self._dp_ledger.record_round(r, [self._name(h) for h in self._selected], trained)
             self.add_round_info("privacy", {"dp_sgd": self._dp_ledger.round_block(
                 {name: self._dp_ledger.entries[name] for name in trained})})
-        server_hooks = [p for p in self.plans if p.active(r) and (p.has("collude") or p.has("observe"))]
-        if self.rule is None and not server_hooks:
-            arrays = aggregate_arrayrecords(contents, self.weighted_by_key)
-        else:
-            arrays = self._robust_aggregate(r, ids, contents)
-        weights = [int(c["metrics"]["num-examples"]) for c in contents]
-        loss = sum(w * float(c["metrics"]["train_loss"]) for w, c in zip(weights, contents)) / max(sum(weights), 1)
-        return arrays, MetricRecord({"train_loss": loss})
+        return kept
 
-    def _robust_aggregate(self, r: int, ids: list[int], contents) -> ArrayRecord:
-        from fedsec.strategies.base import RuleContext
-
+    def to_updates(self, r: int, replies: list[Message]) -> ServerRound:
+        """Step 3. The usable replies -> a :class:`ServerRound`: one row per hospital of
+        ``updates`` (local - global over the model's float entries, flattened) and its weight
+        (sample count)."""
         template = self._global.to_torch_state_dict()
         g = flatten_state(template)
-        local = torch.stack([flatten_state(c["arrays"].to_torch_state_dict()) for c in contents])
-        updates = local - g
-        weights = torch.tensor([float(c["metrics"]["num-examples"]) for c in contents])
-        gen = torch.Generator().manual_seed(_seed(self.scenario.seed, r, 3))
-        for p in self.plans:
-            if not (p.active(r) and p.has("collude")):
-                continue
-            mal_rows = [i for i, h in enumerate(ids) if h in p.hospitals]
-            benign_rows = [i for i, h in enumerate(ids) if h not in self.malicious]
-            if not mal_rows or not benign_rows:
-                continue
-            ctx = AttackContext(r, None, p.hospitals, self.num_hospitals, None, gen,
-                                extra={"global_params": g, "rule": self.scenario.strategy.get("rule"),
-                                       "malicious_updates": updates[mal_rows].clone()})
-            forged = p.attack.collude(updates[benign_rows], len(mal_rows), ctx)
-            if forged is not None:
-                updates[mal_rows] = forged.to(updates.dtype)
-        for p in self.plans:
-            if p.active(r) and p.has("observe"):
-                seen = None if self.scenario.privacy.secure_aggregation else {h: updates[i] for i, h in enumerate(ids)}
-                ctx = AttackContext(r, None, p.hospitals, self.num_hospitals, self.server_task, gen,
-                                    extra=self._observer_extra())
-                self._train_info["attack"].update(p.attack.observe(r, seen, updates.mean(0), g, ctx) or {})
-        if self.rule is None:
-            agg = (weights[:, None] * updates).sum(0) / weights.sum()
-            flagged: list[int] = []
-            info: dict = {}
+        contents = [m.content for m in replies]
+        updates = torch.stack([flatten_state(c["arrays"].to_torch_state_dict()) for c in contents]) - g
+        return ServerRound(
+            number=r, hospitals=[int(c["metrics"]["hospital"]) for c in contents], contents=contents,
+            weights=torch.tensor([float(c["metrics"]["num-examples"]) for c in contents], dtype=torch.float64),
+            global_params=g, template=template, updates=updates, received=updates,
+            aggregate_only=not self.sees_individual_updates,
+            generator=torch.Generator().manual_seed(_seed(self.scenario.seed, r, 3)))
+
+    def run_adversary(self, rnd: ServerRound) -> None:
+        """Step 4. Active colluding coalitions (``collude`` hook) replace their hospitals' rows
+        with forged updates, knowing the benign rows. ``rnd.received`` is then what the server
+        received from the hospitals, forged updates included."""
+        if rnd.aggregate_only:
+            return  # refused before the run (check_secagg_compatible): no update to forge from
+        rows = forge_updates(self.plans, rnd.number, rnd.hospitals, rnd.updates, num_hospitals=self.num_hospitals,
+                             generator=rnd.generator,
+                             extra={"global_params": rnd.global_params, "rule": self.scenario.strategy.get("rule")})
+        rnd.forged = [rnd.hospitals[i] for i in rows]
+        rnd.received = rnd.updates
+
+    def apply_server_defenses(self, rnd: ServerRound) -> None:
+        """Step 5. Central DP's clipping: server side, every received row (forged ones too) is
+        scaled to norm <= C (``rnd.updates`` becomes the clipped rows, ``rnd.received`` keeps
+        what arrived); client side, the hospitals clipped and the server reads their norm bits."""
+        dp = self.central_dp
+        if dp is None:
+            return
+        dp.start_round(rnd.number)
+        names = [self._name(h) for h in rnd.hospitals]
+        if dp.server_side:
+            rnd.updates = dp.clip_updates(rnd.updates, names)
+        else:
+            dp.note_client_clipping(names, [c.get("metrics") for c in rnd.contents])
+
+    def run_observers(self, rnd: ServerRound) -> None:
+        """Step 6. Server-side observers (``observe`` hook, e.g. gradient inversion) look at
+        exactly what the server received: each hospital's update before any server-side
+        defense, or under secure aggregation only the aggregate (``updates`` = None). Their
+        metrics go to the round's ``attack`` record. Read-only."""
+        plans = [p for p in self.plans if p.active(rnd.number) and p.has("observe")]
+        if not plans:
+            return
+        received = rnd.received
+        if rnd.aggregate_only:
+            seen, aggregate = None, received[0].clone()
+        else:
+            seen = {h: received[i] for i, h in enumerate(rnd.hospitals)}
+            aggregate = weighted_mean(received, rnd.weights)
+        for p in plans:
+            ctx = AttackContext(rnd.number, None, p.hospitals, self.num_hospitals, self.server_task, rnd.generator,
+                                extra=self._observer_extra())
+            self._train_info["attack"].update(p.attack.observe(rnd.number, seen, aggregate, rnd.global_params,
+                                                               ctx) or {})
+
+    def aggregate(self, rnd: ServerRound) -> torch.Tensor:
+        """Step 7. The aggregation rule on ``rnd.updates`` -> the aggregated update Tensor[d].
+        No rule: the sample-weighted mean (FedAvg); under secure aggregation the rows already
+        are the aggregate and it is taken as is. Records the rule's flags in ``defense``."""
+        from fedsec.strategies.base import RuleContext
+
+        rnd.received = None  # observers are done: free it if defenses made a copy
+        flagged: list[int] = []
+        info: dict = {}
+        if rnd.aggregate_only:
+            agg = rnd.updates[0].clone()
+        elif self.rule is None:
+            agg = weighted_mean(rnd.updates, rnd.weights)
         else:
             f = self.scenario.strategy.get("num_malicious")
             f = len(self.malicious) if f is None else f
-            ctx = RuleContext(global_params=g, root_update=self._root_update(r, template), generator=gen,
-                              server_round=r, num_malicious=int(f), client_ids=list(ids))
-            res = self.rule(updates, weights, ctx)
+            ctx = RuleContext(global_params=rnd.global_params, root_update=self._root_update(rnd.number, rnd.template),
+                              generator=rnd.generator, server_round=rnd.number, num_malicious=int(f),
+                              client_ids=list(rnd.hospitals))
+            res = self.rule(rnd.updates, rnd.weights.to(rnd.updates.dtype), ctx)
             agg, flagged, info = res.update, res.flagged, res.info
-        self._train_info["defense"] = {"flagged": [self._name(ids[i]) for i in flagged],
+        self._train_info["defense"] = {"flagged": [self._name(rnd.hospitals[i]) for i in flagged],
                                        **{k: v for k, v in (info or {}).items() if isinstance(v, (int, float, str))}}
-        return ArrayRecord(unflatten_state(g + agg.to(g.dtype), template))
+        return agg
+
+    def add_noise(self, rnd: ServerRound, update: torch.Tensor) -> torch.Tensor:
+        """Step 8. Central DP's Gaussian noise on the aggregated update (Tensor[d] -> Tensor[d])
+        and its accounting; the round's ``privacy.central_dp`` record."""
+        dp = self.central_dp
+        if dp is None:
+            return update
+        update = dp.add_noise(update, rnd.weights.tolist())
+        self.add_round_info("privacy", {"central_dp": dp.finish_round()})
+        return update
+
+    def apply(self, rnd: ServerRound, update: torch.Tensor) -> ArrayRecord:
+        """Step 9. global + update -> the new global model (integer buffers keep the global
+        model's values). Records ``update_norm``: the L2 norm of new global - old global over
+        the float entries, as applied (after the cast to the model's dtypes)."""
+        state = unflatten_state(rnd.global_params + update.to(rnd.global_params.dtype), rnd.template)
+        applied = flatten_state(state).double() - rnd.global_params.double()
+        self._train_info["update_norm"] = float(torch.linalg.vector_norm(applied))
+        return ArrayRecord(state)
 
     def _observer_extra(self) -> dict:
         """What an honest-but-curious server knows (the model, the hospitals' local
@@ -291,9 +466,31 @@ class FedsecStrategy(FedAvg):
         self._eval_selected = self._select(r, self.fraction_evaluate, 2)
         return self._messages(self._eval_selected, arrays, config, MessageType.EVALUATE)
 
+    def _require(self, r: int, usable: int, problems: list[str], expected: int, phase: str) -> None:
+        """Fail the run, naming every problem, when fewer than ``federation.min_hospitals``
+        of the ``expected`` hospitals gave a usable reply (default: all of them)."""
+        need = self.scenario.federation.min_hospitals
+        need = expected if need is None else min(need, expected)
+        if usable < need:
+            raise FedsecError(
+                f"round {r}: {len(problems)} of {expected} hospitals failed during {phase} "
+                f"(federation.min_hospitals={need}):\n  " + "\n  ".join(problems))
+
+    def _check(self, r: int, replies, expected: list[int]):
+        """Evaluation replies -> (valid replies sorted by hospital, problems)."""
+        valid, errors = self._check_and_log_replies(list(replies), is_train=False, validate=False)
+        problems = [f"{self._name(self.hospital_of.get(m.metadata.src_node_id, -1))}: {m.error.reason}"
+                    for m in errors]
+        replied = ({int(m.content["metrics"]["hospital"]) for m in valid}
+                   | {self.hospital_of.get(m.metadata.src_node_id, -1) for m in errors})
+        problems += [f"{self._name(h)}: no reply within {self.scenario.federation.timeout_s:g} s"
+                     for h in expected if h not in replied]
+        self._require(r, len(valid), problems, len(expected), "evaluation")
+        return sorted(valid, key=lambda m: int(m.content["metrics"]["hospital"])), problems
+
     def aggregate_evaluate(self, server_round, replies):
         r = self._r(server_round)
-        valid, problems = self._check(r, replies, False, self._eval_selected)
+        valid, problems = self._check(r, replies, self._eval_selected)
         multilabel = bool(self._multilabel_hint(valid))
         per_hospital, all_scores, all_labels, losses, counts = {}, [], [], [], []
         for m in valid:
@@ -309,7 +506,8 @@ class FedsecStrategy(FedAvg):
         union = classification_metrics(torch.cat(all_scores), torch.cat(all_labels),
                                        sum(losses) / max(sum(counts), 1), multilabel)
         attack_metrics = dict(self._train_info.get("attack", {}))
-        attack_metrics.update(self._evaluate_attacks(r))
+        with self._server_rng(r):
+            attack_metrics.update(self._evaluate_attacks(r))
         record = {
             "round": r,
             "time_s": time.perf_counter() - self._round_t0,
@@ -322,8 +520,7 @@ class FedsecStrategy(FedAvg):
             record["failures"] = list(record.get("failures", [])) + problems
         if self.run_dir is not None:
             self.run_dir.append_round(record)
-            self.run_dir.save_checkpoint(r, self._eval_arrays.to_torch_state_dict(),
-                                         {"rule_state": None})
+            self.run_dir.save_checkpoint(r, self._eval_arrays.to_torch_state_dict(), self.state_dict())
         self.rounds_done = r
         self.last_record = record
         if self.on_round:
@@ -399,8 +596,12 @@ def introduce_nodes(grid: Grid, scenario_text: str, expected: int | None, timeou
 
 
 def serve(grid: Grid, scenario, hospitals: list[str], run_dir=None, on_round=None, task=None,
-          initial_state: dict | None = None, round_offset: int = 0) -> FedsecStrategy:
-    """Run the scenario's rounds (after ``round_offset`` finished ones) on ``grid``."""
+          initial_state: dict | None = None, round_offset: int = 0,
+          server_state: dict | None = None) -> FedsecStrategy:
+    """Run the scenario's rounds (after ``round_offset`` finished ones) on ``grid``.
+
+    initial_state: the global model to start from. server_state: the checkpoint's
+    ``FedsecStrategy.state_dict()`` when resuming (rule, attacks, central DP)."""
     from fedsec.federation.adversary import build_plans
 
     scenario_text = scenario.to_yaml()
@@ -419,6 +620,8 @@ def serve(grid: Grid, scenario, hospitals: list[str], run_dir=None, on_round=Non
     outer = wrap_strategy(strategy, scenario, num_hospitals=n,
                           max_train_size=max((s["num-train"] for s in sizes.values()), default=None),
                           previous_rounds=run_dir.read_rounds() if (run_dir is not None and round_offset) else None)
+    if server_state is not None:
+        strategy.load_state_dict(server_state)
     if initial_state is None:
         initial_state = server_task.task.make_model(seed=scenario.seed).state_dict()
     remaining = scenario.federation.rounds - round_offset

@@ -8,15 +8,19 @@ sees the global models -- the other hospitals, anyone the final model is given t
 against the server, which sees each update before the noise (use DP-SGD, ``privacy.dp_sgd``,
 for that, or client-side clipping with secure aggregation).
 
-The wrappers are Flower's ``DifferentialPrivacy{Server,Client}Side{Fixed,Adaptive}Clipping``
-from ``flwr.serverapp.strategy``, subclassed here. They delegate ``configure_train``,
-``configure_evaluate`` and ``aggregate_evaluate`` to the wrapped strategy unchanged and call
-its ``aggregate_train`` with the clipped replies, so they compose with fedsec's
-``FedsecStrategy`` (which overrides both ``configure_train`` and ``aggregate_train``). What
-the subclasses change, and why (Flower 1.41 behaviour read in
-``flwr/serverapp/strategy/dp_*.py``):
+The mechanism is Flower's ``DifferentialPrivacy{Server,Client}Side{Fixed,Adaptive}Clipping``
+from ``flwr.serverapp.strategy``, subclassed here (their options and checks, client-side
+``configure_train`` that sends the clipping norm, ``compute_stdv``). It is *not* an outer
+wrapper around the aggregation: :func:`wrap_central_dp` installs it on FedsecStrategy, whose
+round clips after the colluding coalition has forged its updates (as an outer wrapper it
+clipped the replies before the strategy ran, so forged updates escaped clipping: with IPM,
+eps 10, on heart_fedavg it checked the two hospitals' honest updates, norms 0.13 and 0.20,
+and the forged ones that replaced them, norm 3.5, reached the mean unclipped) and adds noise
+after the aggregation rule
+(docs/design.md, "The server's round"). What fedsec changes from Flower, and why (Flower 1.41
+behaviour read in ``flwr/serverapp/strategy/dp_*.py``):
 
-- ``aggregate_train`` keeps Flower's order (clip -> wrapped aggregate -> noise) but:
+- the round keeps Flower's order (clip -> aggregate -> noise) but:
   * replies that carry an error are passed on to the wrapped strategy, which fails the run
     or drops them per ``federation.min_hospitals``; Flower's wrapper silently skips the
     whole round's aggregation when any reply has an error;
@@ -69,6 +73,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideAdaptiveClipping,
@@ -261,8 +266,17 @@ def clip_arrays(local: list[np.ndarray], current: list[np.ndarray],
 
 
 class CentralDPMixin:
-    """fedsec's changes to Flower's DP wrappers (see the module docstring). Put first in the
-    bases so its methods override Flower's."""
+    """fedsec's central DP: Flower's DP wrapper classes (their options, checks, configure_train
+    and noise calibration ``compute_stdv``) with fedsec's changes (module docstring), used as
+    two steps of the server's round rather than as an outer wrapper.
+
+    FedsecStrategy calls, in its pipeline (docs/design.md, "The server's round"):
+    :meth:`start_round`; :meth:`clip_updates` (server-side clipping, after the coalition has
+    forged its updates, so forged updates are clipped like any other) or
+    :meth:`note_client_clipping` (client side); then, after the aggregation rule,
+    :meth:`add_noise` and :meth:`finish_round` (adaptive norm update, accounting, the round's
+    ``privacy.central_dp`` record). Put first in the bases so its methods override Flower's.
+    """
 
     strategy: Any
     noise_multiplier: float
@@ -281,7 +295,7 @@ class CentralDPMixin:
         self.sample_rate = (self.num_sampled_clients / self.num_hospitals) if config.amplification else 1.0
         self.history: list[tuple[float, float, int]] = [tuple(h) for h in (history or [])]
         self.last_info: dict = {}
-        self._round_norm: float | None = None
+        self._round: dict = {}
 
     # ---- pieces -------------------------------------------------------------------------
     @property
@@ -296,35 +310,6 @@ class CentralDPMixin:
 
     def _rng(self, server_round: int, salt: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, int(server_round), 0xD1FF, salt])
-
-    def _add_noise_to_aggregated_arrays(self, aggregated: ArrayRecord) -> ArrayRecord:
-        norm = self._round_norm if self._round_norm is not None else self.clipping_norm
-        std = compute_stdv(self.noise_multiplier, norm, self.num_sampled_clients)
-        rng = self._rng(self._noise_round, 1)
-        out = {}
-        for key, arr in zip(aggregated.keys(), aggregated.to_numpy_ndarrays(), strict=True):
-            arr = np.asarray(arr)
-            if np.issubdtype(arr.dtype, np.floating) and std > 0:
-                arr = (arr + rng.normal(0.0, std, arr.shape)).astype(arr.dtype)
-            out[key] = Array(np.ascontiguousarray(arr))
-        self._noise_std = std
-        return ArrayRecord(out)
-
-    def _noisy_fraction(self, count: int, total: int) -> float:  # adaptive only
-        if total <= 0:
-            return self.target_clipped_quantile
-        rng = self._rng(self._noise_round, 2)
-        return float(rng.normal(count, self.clipped_count_stddev)) / float(total)
-
-    def _weights(self, replies: list[Message]) -> list[float]:
-        key = getattr(innermost(self), "weighted_by_key", "num-examples")
-        out = []
-        for m in replies:
-            metrics = m.content.get("metrics")
-            if metrics is None:
-                metrics = next(iter(m.content.metric_records.values()), {})
-            out.append(float(metrics.get(key, 1.0)) if hasattr(metrics, "get") else 1.0)
-        return out
 
     def effective_noise_multiplier(self, weights: list[float]) -> float:
         """The round's z for the hospital whose update weighs most (module docstring)."""
@@ -346,73 +331,92 @@ class CentralDPMixin:
         """The accountant history [(z, q, rounds)], JSON-able, to resume with."""
         return [list(h) for h in self.history]
 
-    def _names(self, replies: list[Message]) -> list[str]:
-        inner = innermost(self)
-        names = []
-        for m in replies:
-            try:
-                h = int(m.content["metrics"]["hospital"])
-                names.append(inner._name(h) if hasattr(inner, "_name") else str(h))
-            except (KeyError, TypeError, ValueError):
-                names.append(str(m.metadata.src_node_id))
-        return names
+    def state_dict(self) -> dict:
+        """What carries over between rounds: the accountant's history and the clipping norm
+        (adaptive clipping moves it every round). Goes into checkpoint.pt."""
+        return {"clipping_norm": float(self.clipping_norm), "history": self.accountant_state()}
 
-    # ---- the round ----------------------------------------------------------------------
-    def _clip_on_server(self, valid: list[Message], norm: float) -> dict[str, float]:
-        current = [np.asarray(a) for a in self.current_arrays.to_numpy_ndarrays()]
-        norms = {}
-        for name, reply in zip(self._names(valid), valid):
-            for rec_key, record in list(reply.content.array_records.items()):
-                clipped, n = clip_arrays([np.asarray(a) for a in record.to_numpy_ndarrays()], current, norm)
-                reply.content[rec_key] = ArrayRecord(
-                    {k: Array(np.ascontiguousarray(v)) for k, v in zip(record.keys(), clipped, strict=True)})
-                norms[name] = n
-        return norms
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (resuming a run)."""
+        self.clipping_norm = float(state["clipping_norm"])
+        self.history = [tuple(h) for h in state["history"]]
 
-    def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        valid = [m for m in replies if not m.has_error()]
-        self._noise_round = getattr(innermost(self), "_r", lambda r: r)(server_round)
-        norm_used = float(self.clipping_norm)
-        self._round_norm = norm_used
-        norms: dict[str, float] = {}
-        if self.server_side:
-            norms = self._clip_on_server(valid, norm_used)
-            clipped = sorted(n for n, v in norms.items() if v > norm_used)
-        else:
-            bits = []
-            for name, m in zip(self._names(valid), valid):
-                metrics = m.content.get("metrics") or {}
-                if KEY_NORM_BIT not in metrics and self.adaptive:
-                    raise FedsecError(f"privacy.central_dp (client-side adaptive clipping): {name}'s reply has no "
-                                      f"'{KEY_NORM_BIT}'; the ClientApp's train handler needs "
-                                      "mods=[fedsec.privacy.central_dp.clipping_mod]")
-                bits.append((name, bool(metrics.get(KEY_NORM_BIT, False))))
-            clipped = sorted(n for n, b in bits if b)
-        arrays, metrics = self.strategy.aggregate_train(server_round, replies)
-        if self.adaptive and valid:
+    # ---- the round: steps of FedsecStrategy's pipeline -----------------------------------
+    def start_round(self, server_round: int) -> None:
+        """Fix the round's clipping norm (the one noise is calibrated to) and its RNG."""
+        self._round = {"round": int(server_round), "norm": float(self.clipping_norm), "clipped": [],
+                       "norms": {}}
+
+    def clip_updates(self, updates: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """Server-side clipping. updates: Tensor[n, d] (local - global, float entries, as the
+        server received them, forged ones included) -> Tensor[n, d], each row scaled to L2
+        norm <= C. Rows already within C are returned unchanged (a new tensor only if some
+        row is clipped). Norms in float64."""
+        norm = self._round["norm"]
+        norms = torch.linalg.vector_norm(updates.double(), dim=1)
+        self._round["norms"] = {name: float(v) for name, v in zip(names, norms)}
+        self._round["clipped"] = sorted(name for name, v in zip(names, norms) if float(v) > norm)
+        if not self._round["clipped"]:
+            return updates
+        scale = torch.where(norms > norm, norm / norms.clamp_min(torch.finfo(torch.float64).tiny), 1.0)
+        return (updates.double() * scale[:, None]).to(updates.dtype)
+
+    def note_client_clipping(self, names: list[str], metrics: list) -> None:
+        """Client-side clipping: the hospitals clipped (``clipping_mod``) and say so with
+        their norm bit; collect it (adaptive clipping needs it to move the norm)."""
+        bits = []
+        for name, m in zip(names, metrics):
+            m = m if m is not None else {}
+            if KEY_NORM_BIT not in m and self.adaptive:
+                raise FedsecError(f"privacy.central_dp (client-side adaptive clipping): {name}'s reply has no "
+                                  f"'{KEY_NORM_BIT}'; the ClientApp's train handler needs "
+                                  "mods=[fedsec.privacy.central_dp.clipping_mod]")
+            bits.append((name, bool(m.get(KEY_NORM_BIT, False))))
+        self._round["clipped"] = sorted(n for n, b in bits if b)
+
+    def add_noise(self, aggregate: torch.Tensor, weights: list[float]) -> torch.Tensor:
+        """aggregate: Tensor[d], the aggregated update -> aggregate + N(0, std^2) per entry,
+        std = z * C / m (Flower's ``compute_stdv``, C the norm this round clipped to), drawn
+        from a generator seeded by (scenario seed, round). Accounts the release."""
+        rnd = self._round
+        std = compute_stdv(self.noise_multiplier, rnd["norm"], self.num_sampled_clients)
+        if std > 0:
+            noise = self._rng(rnd["round"], 1).normal(0.0, std, aggregate.numel())
+            aggregate = aggregate + torch.from_numpy(noise).to(aggregate.dtype).reshape(aggregate.shape)
+        z = self.effective_noise_multiplier(list(weights))
+        self.history.append((z, self.sample_rate, 1))
+        rnd.update(noise_std=std, z=z, num_valid=len(weights))
+        return aggregate
+
+    def finish_round(self) -> dict:
+        """Move the adaptive norm, and return the round's ``privacy.central_dp`` record."""
+        rnd = self._round
+        if self.adaptive and rnd.get("num_valid"):
             # Andrew et al.: the norm grows while more than the target fraction is clipped.
             # (Flower's _geometric_update applies exp(-lr * (clipped - target)), the opposite
             # sign: the norm shrinks when too many updates are clipped and runs off to 0.)
-            frac = self._noisy_fraction(len(clipped), len(valid))
+            noisy = float(self._rng(rnd["round"], 2).normal(len(rnd["clipped"]), self.clipped_count_stddev))
+            frac = noisy / float(rnd["num_valid"])
             self.clipping_norm *= math.exp(self.clip_norm_lr * (frac - self.target_clipped_quantile))
         info: dict[str, Any] = {"mode": self.config.mode, "clipping": self.config.clipping,
-                                "clipping_norm": norm_used, "clipped": clipped}
-        if arrays is not None and valid:
-            arrays = self._add_noise_to_aggregated_arrays(arrays)
-            z = self.effective_noise_multiplier(self._weights(valid))
-            self.history.append((z, self.sample_rate, 1))
-            info.update(noise_std=self._noise_std, noise_multiplier=self.nominal_noise_multiplier,
-                        noise_multiplier_effective=z, sample_rate=self.sample_rate)
-        if norms:
-            info["update_norms"] = dict(sorted(norms.items()))
+                                "clipping_norm": rnd["norm"], "clipped": rnd["clipped"]}
+        if "noise_std" in rnd:
+            info.update(noise_std=rnd["noise_std"], noise_multiplier=self.nominal_noise_multiplier,
+                        noise_multiplier_effective=rnd["z"], sample_rate=self.sample_rate)
+        if rnd["norms"]:
+            info["update_norms"] = dict(sorted(rnd["norms"].items()))
         if self.adaptive:
             info["next_clipping_norm"] = float(self.clipping_norm)
         info.update(self.privacy_spent())
-        self._round_norm = None
         self.last_info = info
-        report_round_info(self, "privacy", {"central_dp": info})
-        return arrays, metrics
+        return info
+
+    # ---- as a Flower strategy -------------------------------------------------------------
+    def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The replies go to the wrapped strategy unchanged: clipping and noise are steps of
+        its pipeline (Flower's wrapper would clip here, before the strategy's coalition forges
+        its updates, and silently skip a round with any error reply)."""
+        return self.strategy.aggregate_train(server_round, replies)
 
 
 class FedsecServerSideFixedClipping(CentralDPMixin, DifferentialPrivacyServerSideFixedClipping):
@@ -439,14 +443,17 @@ WRAPPERS = {("fixed", "server"): FedsecServerSideFixedClipping,
 
 def wrap_central_dp(strategy, config, num_sampled: int, *, num_hospitals: int | None = None,
                     rounds: int | None = None, seed: int = 0, history=None):
-    """Wrap ``strategy`` (a Message-API Strategy, e.g. FedsecStrategy) in central DP.
+    """Give ``strategy`` (FedsecStrategy, or a wrapper around one) central DP.
+
+    The DP object is installed on the innermost FedsecStrategy (``central_dp``), whose round
+    clips after the coalition and adds noise after the aggregation rule; it is also returned,
+    and may be started as a Flower strategy (it passes everything through to ``strategy``).
 
     config: ``privacy.central_dp`` (a mapping or CentralDPConfig). num_sampled: m, hospitals per
     round (:func:`num_sampled`). num_hospitals: H (default m). rounds: federation.rounds, needed
     for target_epsilon. seed: the scenario seed (noise). history: an earlier accountant state
     (``accountant_state()``) when resuming a run.
-    Returns the wrapper; its ``aggregate_train`` reports ``privacy.central_dp`` to the wrapped
-    strategy's round record and ``privacy_spent()`` gives the running epsilon.
+    The round record gets ``privacy.central_dp``; ``privacy_spent()`` gives the running epsilon.
     """
     cfg = config if isinstance(config, CentralDPConfig) else CentralDPConfig.parse(config)
     check_central_dp_compatible(getattr(innermost(strategy), "rule", None))
@@ -472,6 +479,11 @@ def wrap_central_dp(strategy, config, num_sampled: int, *, num_hospitals: int | 
     except ValueError as err:  # Flower's own checks (e.g. clipped_count_stddev too low for z)
         raise FedsecError(f"privacy.central_dp: {err}") from None
     wrapper._init_fedsec(cfg, h, seed, history, z)
+    inner = innermost(strategy)
+    if not hasattr(inner, "central_dp"):
+        raise FedsecError(f"privacy.central_dp: {type(inner).__name__} has no pipeline step for central DP "
+                          "(FedsecStrategy has)")
+    inner.central_dp = wrapper  # clipping and noise run as steps of its round
     return wrapper
 
 

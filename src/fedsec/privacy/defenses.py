@@ -5,7 +5,8 @@ Two entry points for the apps and the runner:
 - :func:`check_privacy` (runner, before the engine starts): parses every option and refuses
   combinations that cannot hold (robust rule + secure aggregation, server-side clipping +
   secure aggregation, robust rule + central DP, DP-SGD on a model Opacus cannot train).
-- :func:`wrap_strategy` (server_app.serve): FedsecStrategy -> [central DP] -> [SecAgg+].
+- :func:`wrap_strategy` (server_app.serve): central DP installed on FedsecStrategy (clipping and
+  noise are steps of its round), then [SecAgg+] around it.
 DP-SGD and compression act in the ClientApp (``fedsec.privacy.dp_sgd``,
 ``fedsec.privacy.compression``); the ClientApp's train handler carries
 ``mods=[secagg_mod, clipping_mod]``, which do nothing unless the server asks for them.
@@ -107,9 +108,11 @@ def wrap_strategy(strategy, scenario, *, num_hospitals: int, max_train_size: int
     if p.central_dp:
         from fedsec.privacy.central_dp import num_sampled, wrap_central_dp
 
-        outer = wrap_central_dp(outer, p.central_dp, num_sampled(scenario.federation.fraction_train, num_hospitals),
-                                num_hospitals=num_hospitals, rounds=scenario.federation.rounds, seed=scenario.seed,
-                                history=central_dp_history(previous_rounds or []))
+        # installed on FedsecStrategy as steps of its round (clip after the coalition, noise
+        # after the rule), not around it: ``outer`` stays the strategy itself
+        wrap_central_dp(strategy, p.central_dp, num_sampled(scenario.federation.fraction_train, num_hospitals),
+                        num_hospitals=num_hospitals, rounds=scenario.federation.rounds, seed=scenario.seed,
+                        history=central_dp_history(previous_rounds or []))
     if p.secure_aggregation:
         from fedsec.privacy.secagg import wrap_secagg
 

@@ -21,9 +21,11 @@ message in the legacy FitIns layout and expects a FitRes-layout reply. fedsec br
   legacy strategy; a ``SecAggPlusWorkflow`` subclass that sends fedsec's own message content,
   "arrays" + "config", instead of legacy FitIns) and returns no messages;
   ``aggregate_train`` then gives the wrapped strategy one reply per hospital that carries
-  the *aggregate* (plus that hospital's clear-text metrics), so FedsecStrategy's weighted
-  average returns the aggregate unchanged and its bookkeeping (losses, failures, records)
-  works as usual; hospitals that dropped out get an error reply naming the SecAgg+ failure.
+  the *aggregate* (plus that hospital's clear-text metrics); FedsecStrategy knows (this
+  wrapper sets its ``sees_individual_updates`` to False) that every row is the aggregate:
+  its observers see only that, it takes it as the round's update, and its bookkeeping
+  (losses, failures, records) works as usual; hospitals that dropped out get an error
+  reply naming the SecAgg+ failure.
 - client: :func:`secagg_mod` for ``@app.train(mods=[secagg_mod, ...])`` runs Flower's
   ``secaggplus_mod`` on SecAgg+ messages only (others pass through) and, in the masking
   stage, calls the unchanged fedsec train handler and turns its reply into the FitRes layout:
@@ -299,7 +301,10 @@ class SecAggPlusStrategy(Strategy):
         self.timeout = timeout
         self._round: dict | None = None
         self.last_info: dict = {}
-        check_secagg_compatible(getattr(innermost(strategy), "rule", None), getattr(innermost(strategy), "plans", ()))
+        inner = innermost(strategy)
+        check_secagg_compatible(getattr(inner, "rule", None), getattr(inner, "plans", ()))
+        if hasattr(inner, "sees_individual_updates"):
+            inner.sees_individual_updates = False  # its replies will carry only the aggregate
 
     def __repr__(self) -> str:
         return f"SecAggPlusStrategy({self.strategy!r})"
@@ -403,7 +408,8 @@ def wrap_secagg(strategy, config=True, *, max_weight: float | None = None, timeo
     cfg = config if isinstance(config, SecAggConfig) else SecAggConfig.parse(config)
     s = strategy
     while s is not None:
-        if isinstance(s, CentralDPMixin) and s.server_side:
+        dp = s if isinstance(s, CentralDPMixin) else getattr(s, "central_dp", None)
+        if isinstance(dp, CentralDPMixin) and dp.server_side:
             raise FedsecError("privacy.secure_aggregation with privacy.central_dp.clipping: server -- the server "
                               "cannot clip updates it cannot see; set privacy.central_dp.clipping: client")
         s = getattr(s, "strategy", None)

@@ -108,6 +108,17 @@ class AggregationRule:
     def reset(self) -> None:
         """Forget the state kept between rounds (stateful rules override this)."""
 
+    def state_dict(self) -> dict:
+        """The state kept between rounds, for the run's checkpoint (tensors, numbers, dicts
+        and lists of them). Stateless rules: {}. Stateful rules override this and
+        :meth:`load_state_dict` so a resumed run aggregates exactly as an uninterrupted one."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if state:
+            raise self.fail(f"keeps no state between rounds, but the checkpoint holds {sorted(state)}")
+
     def fail(self, message: str) -> FedsecError:
         """The error for an option or an input this rule cannot work with; names the rule."""
         return FedsecError(f"aggregation rule '{self.name}': {message}")

@@ -78,6 +78,15 @@ class CenteredClipping(AggregationRule):
     def reset(self) -> None:
         self._center = None
 
+    def state_dict(self) -> dict:
+        """{"center": Tensor[d] | None}: the previous round's aggregate v."""
+        return {"center": None if self._center is None else self._center.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != {"center"}:
+            raise self.fail(f"checkpoint state must hold 'center', got {sorted(state)}")
+        self._center = None if state["center"] is None else state["center"].clone()
+
     def aggregate(self, updates: torch.Tensor, weights: torch.Tensor, ctx: RuleContext) -> RuleResult:
         n, d = updates.shape
         if self._center is None or self._center.shape != (d,):

@@ -93,6 +93,15 @@ class FoolsGold(AggregationRule):
     def reset(self) -> None:
         self._history = {}
 
+    def state_dict(self) -> dict:
+        """{"history": {client id: Tensor[d]}}: each hospital's summed updates so far."""
+        return {"history": {cid: h.detach().cpu().clone() for cid, h in self._history.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != {"history"}:
+            raise self.fail(f"checkpoint state must hold 'history', got {sorted(state)}")
+        self._history = {cid: h.clone() for cid, h in state["history"].items()}
+
     def aggregate(self, updates: torch.Tensor, weights: torch.Tensor, ctx: RuleContext) -> RuleResult:
         n = updates.shape[0]
         ids = list(ctx.client_ids) if ctx.client_ids is not None else list(range(n))
