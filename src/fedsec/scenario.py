@@ -898,9 +898,18 @@ def _validate_privacy(s: Scenario, file: str) -> None:
     if not (p.dp_sgd or p.central_dp or p.secure_aggregation or p.compression):
         return
     from fedsec.privacy.defenses import check_privacy
+    from fedsec.registry import ATTACKS
+
+    class _Plan:  # what check_privacy reads of an attack plan: its name and hooks
+        def __init__(self, entry):
+            self.name = str(entry.get("preset", entry["attack"]))
+            self.hooks = ATTACKS.get(entry["attack"]).spec().hooks
+
+        def has(self, hook: str) -> bool:
+            return hook in self.hooks
 
     try:
-        check_privacy(s)
+        check_privacy(s, plans=[_Plan(a) for a in s.attacks])
     except ScenarioError as e:
         raise ScenarioError(e.detail, file=file, key=e.key) from None
     except FedsecError as e:

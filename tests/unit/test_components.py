@@ -154,3 +154,14 @@ def test_components_doc_is_generated_from_the_declarations():
     assert doc.read_text() == components_markdown(), (
         "docs/components.md is out of date: run `python -m fedsec.components_doc docs/components.md`")
     assert "| `z` | float / null | null |" in doc.read_text()  # ALIE's typed option, from its class
+
+
+@pytest.mark.parametrize("overrides,words", [
+    (["privacy.secure_aggregation=true", "strategy=median"], "'median' needs each hospital's update"),
+    (["privacy.secure_aggregation=true", "attacks=ipm", "attacks[0].hospitals=[1]"], "attack 'ipm' rewrites"),
+    (["privacy.central_dp={noise_multiplier: 1.0}", "strategy=median"], "strategy 'median' with privacy.central_dp"),
+])
+def test_impossible_combinations_are_refused_at_load(overrides, words):
+    with pytest.raises(ScenarioError) as info:
+        load_scenario(HEART, overrides)
+    assert info.value.key == "privacy" and words in str(info.value)
