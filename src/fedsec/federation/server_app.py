@@ -149,8 +149,16 @@ class FedsecStrategy(FedAvg):
         finite = [not is_train or finite_arrays(m.content) for m in valid]
         diverged = [m for m, ok in zip(valid, finite) if not ok]
         valid = [m for m, ok in zip(valid, finite) if ok]
-        problems = [f"{self._name(self.hospital_of.get(m.metadata.src_node_id, -1))}: {m.error.reason}"
-                    for m in errors]
+        # one line per failing hospital; the full text (a traceback) goes to failures.log
+        from fedsec.results import one_line_reason
+
+        phase = "training" if is_train else "evaluation"
+        problems = []
+        for m in errors:
+            name = self._name(self.hospital_of.get(m.metadata.src_node_id, -1))
+            problems.append(f"{name}: {one_line_reason(m.error.reason)}")
+            if self.run_dir is not None:
+                self.run_dir.log_failure(server_round, name, phase, m.error.reason)
         problems += [f"{self._name(int(m.content['metrics']['hospital']))}: its update has NaN or infinite values "
                      "(local training diverged?); left out of the aggregate" for m in diverged]
         replied = ({int(m.content["metrics"]["hospital"]) for m in valid + diverged}
@@ -160,10 +168,12 @@ class FedsecStrategy(FedAvg):
         need = self.scenario.federation.min_hospitals
         need = len(expected) if need is None else min(need, len(expected))
         if len(valid) < need:
-            phase = "training" if is_train else "evaluation"
-            raise FedsecError(
+            err = FedsecError(
                 f"round {server_round}: {len(problems)} of {len(expected)} hospitals failed during {phase} "
                 f"(federation.min_hospitals={need}):\n  " + "\n  ".join(problems))
+            err.failures = [{"round": server_round, "hospital": h, "reason": r}
+                            for h, _, r in (p.partition(": ") for p in problems)]
+            raise err
         valid.sort(key=lambda m: int(m.content["metrics"]["hospital"]))  # order-independent sums
         return valid, problems
 
