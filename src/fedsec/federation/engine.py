@@ -234,15 +234,16 @@ def descendants(pid: int | None = None) -> list[int]:
 
 
 def kill_ray_workers() -> int:
-    """SIGKILL this process's local Ray worker processes (``ray::...``): the hospitals'
-    training in progress ends now instead of at the end of the round. Ray's head processes
-    are left to ``ray.shutdown``. -> how many were killed."""
+    """SIGKILL this process's local Flower actors (``ray::ClientAppActor``): the hospitals'
+    training in progress ends now instead of at the end of the round. Ray's own processes
+    (raylet, its agents: killing one takes the node down noisily) are left to
+    ``ray.shutdown``. -> how many were killed."""
     n = 0
     for pid in descendants():
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as fh:
                 cmd = fh.read()
-            if cmd.startswith(b"ray::"):
+            if cmd.startswith(b"ray::ClientAppActor"):
                 os.kill(pid, signal.SIGKILL)
                 n += 1
         except OSError:
@@ -282,14 +283,36 @@ def stop_on_signals(kill_local_ray: bool = True):
             continue
         previous[sig] = current
         signal.signal(sig, handler)
-    # ray.init (called by Flower inside the run) installs its own SIGTERM handler, which
-    # would exit at once without the results being written; keep ours while the run is on.
-    ray_utils, ray_setter = None, None
+    # ray.init (which Flower calls inside the run, in this thread) replaces the SIGTERM handler
+    # twice: in Python (sys.exit) and in C++ (Ray's core worker aborts the process on SIGTERM,
+    # "*** SIGTERM received ***", exit -6): nothing would be written. Put ours back after it.
+    ray_mod, ray_init = None, None
     with contextlib.suppress(ImportError):
-        import ray._private.utils as ray_utils
+        import ray as ray_mod
 
-        ray_setter = ray_utils.set_sigterm_handler
-        ray_utils.set_sigterm_handler = lambda *a, **k: None
+        ray_init = ray_mod.init
+
+        def init_keeping_our_handlers(*args, **kwargs):
+            try:
+                return ray_init(*args, **kwargs)
+            finally:
+                if threading.current_thread() is threading.main_thread():
+                    for sig in previous:
+                        signal.signal(sig, handler)
+
+        ray_mod.init = init_keeping_our_handlers
+        # Ray's driver prints "(raylet) A worker died or was killed..." for each worker the stop
+        # killed: expected then, so not shown.
+        import ray._private.worker as ray_worker
+
+        ray_print = ray_worker.print_to_stdstream
+
+        def print_unless_stopping(data, *args, **kwargs):
+            if stop_requested() is not None and data.get("pid") == "raylet":
+                return None
+            return ray_print(data, *args, **kwargs)
+
+        ray_worker.print_to_stdstream = print_unless_stopping
     _STOP = state
     try:
         yield state
@@ -297,8 +320,9 @@ def stop_on_signals(kill_local_ray: bool = True):
         _STOP = None
         if state.timer is not None:
             state.timer.cancel()
-        if ray_setter is not None:
-            ray_utils.set_sigterm_handler = ray_setter
+        if ray_init is not None:
+            ray_mod.init = ray_init
+            ray_worker.print_to_stdstream = ray_print
         for sig, h in previous.items():
             signal.signal(sig, h if h is not None else signal.SIG_DFL)
 
