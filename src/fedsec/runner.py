@@ -275,17 +275,18 @@ def run_on_grid(grid, scenario_ref: str, overrides: str, out: str) -> dict:
     run_dir.write_manifest(manifest)
     task = build_task(scenario)
     _check_privacy(scenario, task)
-    status, error = "failed", None
+    status, error, failure = "failed", None, None
     try:
         serve(grid, scenario, hospital_names(scenario, task), run_dir, Progress(scenario), task,
               task.make_model(seed=scenario.seed).state_dict(), 0)
         status = "completed"
     except Exception as err:
-        error = str(err) if isinstance(err, FedsecError) else f"{type(err).__name__}: {err}"
+        failure = err
+        error = str(err) if isinstance(err, FedsecError) else _unexpected(err, run_dir)
         raise
     finally:
-        summary = build_summary(scenario, run_dir, status, t0, error)
+        summary = finish_summary(build_summary(scenario, run_dir, status, t0, error), run_dir, scenario, failure)
         run_dir.write_summary(summary)
-        manifest.update(status=status, ended_at=utc_now())
+        manifest.update(status=summary["status"], ended_at=utc_now())
         run_dir.write_manifest(manifest)
     return summary
