@@ -129,3 +129,17 @@ def test_baseline_writes_a_results_folder_with_out(tmp_path, capsys):
     paper = paper_folder(tmp_path)
     assert main(["baseline", QUICKSTART, "--out", str(paper)]) == 2
     assert "not a fedsec results folder" in capsys.readouterr().err
+
+
+def test_sweep_out_into_a_foreign_folder_is_refused_unless_force(tmp_path, capsys):
+    paper = paper_folder(tmp_path)
+    (paper / "scenario.yaml").unlink()
+    before = snapshot(paper)
+    cmd = ["sweep", QUICKSTART, "--grid", "strategy=fedavg,median", "--out", str(paper), "--dry-run"]
+    assert main(cmd) == 2
+    assert "not a fedsec sweep folder" in capsys.readouterr().err
+    assert main(cmd + ["--force"]) == 0
+    (paper / "summary.md").write_text("my notes")
+    assert main(cmd + ["--force"]) == 2
+    assert "summary.md, which the sweep would overwrite" in capsys.readouterr().err
+    assert snapshot(paper) == {**before, "summary.md": b"my notes"}
