@@ -89,7 +89,7 @@ def cmd_deploy(args) -> int:
         check_out_folder(args.out, args.force)
         if is_results_folder(args.out):  # an earlier run's folder: its files go, nothing else
             RunDir(args.out).clear()
-    summary = deploy(scenario, overrides, args.out, args.secure, clientapp=args.clientapp, verbose=True)
+    summary = _deploy_stopping_on_sigterm(deploy, scenario, overrides, args)
     f = summary["final"]
     print(f"deployment ({'TLS + node authentication' if args.secure else 'insecure, loopback'}) completed "
           f"{summary['rounds']} rounds in {summary['timing']['wall_s']:.1f} s")
@@ -97,6 +97,54 @@ def cmd_deploy(args) -> int:
         f"{k} {v:.3f}" for k, v in f.items() if v is not None))
     print(f"results: {summary['path']}")
     return 0
+
+
+def _deploy_stopping_on_sigterm(deploy, scenario, overrides, args) -> dict:
+    """SIGTERM stops a deployment like Ctrl-C: the SuperLink and SuperNodes are stopped in order
+    (LocalDeployment's exit), the results folder says "interrupted", exit 143."""
+    import signal
+
+    from fedsec.federation.engine import Interrupted
+
+    def on_term(signum, frame):
+        raise Interrupted(signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        return deploy(scenario, overrides, args.out, args.secure, clientapp=args.clientapp, verbose=True)
+    except KeyboardInterrupt as err:
+        _mark_interrupted(args.out, err)
+        raise err if isinstance(err, Interrupted) else Interrupted(signal.SIGINT) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _mark_interrupted(out, err) -> None:
+    """A deployment's ServerApp process was stopped mid-run: its summary still says "running"."""
+    from fedsec.federation.engine import Interrupted
+    from fedsec.results import read_json, utc_now, write_json
+
+    if not out:
+        return
+    for name in ("summary.json", "manifest.json"):
+        f = Path(out) / name
+        try:
+            data = read_json(f)
+        except (OSError, ValueError):
+            continue
+        if data.get("status") == "running":
+            data["status"] = "interrupted"
+            if name == "summary.json":
+                data["error"] = f"interrupted by {err.args[0] if isinstance(err, Interrupted) else 'SIGINT'}"
+            else:
+                data["ended_at"] = utc_now()
+            write_json(f, data)
+    print(f"fedsec: deployment interrupted; the SuperLink and SuperNodes are stopped; results so far: {out}",
+          file=sys.stderr)
 
 
 def cmd_validate(args) -> int:
