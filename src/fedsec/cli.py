@@ -124,7 +124,8 @@ def _deploy_stopping_on_sigterm(deploy, scenario, overrides, args) -> dict:
 
 
 def _mark_interrupted(out, err) -> None:
-    """A deployment's ServerApp process was stopped mid-run: its summary still says "running"."""
+    """A deployment's ServerApp process was stopped mid-run: its summary says "running" (or
+    "failed", when it saw the SuperLink go away first)."""
     from fedsec.federation.engine import Interrupted
     from fedsec.results import read_json, utc_now, write_json
 
@@ -136,7 +137,7 @@ def _mark_interrupted(out, err) -> None:
             data = read_json(f)
         except (OSError, ValueError):
             continue
-        if data.get("status") == "running":
+        if data.get("status") in ("running", "failed"):  # the ServerApp saw its link go away
             data["status"] = "interrupted"
             if name == "summary.json":
                 data["error"] = f"interrupted by {err.args[0] if isinstance(err, Interrupted) else 'SIGINT'}"
