@@ -147,7 +147,7 @@ def run(scenario, overrides=None, out=None, verbose: bool = False, resume: str |
     (with the written summary) if the run fails, and ``Interrupted`` (a KeyboardInterrupt)
     when SIGINT / SIGTERM stopped it (status "interrupted", finished rounds kept).
     """
-    from fedsec.federation.engine import Interrupted, check_address, quiet, stop_on_signals
+    from fedsec.federation.engine import Interrupted, check_address, quiet, stop_on_signals, stop_requested
     from fedsec.results import is_results_folder
     from fedsec.scenario import Scenario, load_scenario
 
@@ -198,6 +198,8 @@ def run(scenario, overrides=None, out=None, verbose: bool = False, resume: str |
             from fedsec.tracking import TensorBoardTracker
 
             tracker = TensorBoardTracker.for_run(scenario, run_dir, resumed_from_round=offset)
+            if stop_requested() is not None:  # Ctrl-C while the data loaded: do not start Ray
+                raise Interrupted(stop_requested())
             started = True
             _engine_run(scenario, hospitals, task, run_dir,
                         Progress(scenario, progress, tracker=tracker, run_dir=run_dir, manifest=manifest),

@@ -210,3 +210,22 @@ def test_first_signal_asks_to_stop_second_one_interrupts():
             time.sleep(0.05)
         assert info.value.exit_code == 143  # the first signal names the stop
     assert signal.getsignal(signal.SIGTERM) == before and engine.stop_requested() is None
+
+
+def test_signal_while_the_data_loads_stops_before_the_engine(tmp_path, monkeypatch, capsys):
+    import fedsec.tasks
+
+    real = fedsec.tasks.build_task
+
+    def build_then_signal(scenario):
+        task = real(scenario)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        return task
+
+    monkeypatch.setattr(fedsec.tasks, "build_task", build_then_signal)
+    stub_engine(monkeypatch, lambda run_dir, on_round: pytest.fail("the engine should not start"))
+    out = tmp_path / "run"
+    assert main(["run", QUICKSTART, "--out", str(out)]) == 143
+    assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
+    assert "interrupted after 0 finished round(s)" in capsys.readouterr().err
