@@ -221,6 +221,11 @@ class RunDir:
         self._before = _files_under(self.path)
         self._owned = set((previous_manifest or {}).get("files") or [])
 
+    def claim(self, subdir: str) -> None:
+        """Count the files already in ``subdir`` as this run's (``fedsec deploy`` writes the
+        nodes' logs into deployment/ before the ServerApp opens the folder)."""
+        self._before = {f for f in (self._before or set()) if not f.startswith(subdir.rstrip("/") + "/")}
+
     def created_files(self) -> list[str]:
         now = _files_under(self.path)
         mine = (now - (self._before or set())) | (self._owned & now)

@@ -271,6 +271,8 @@ def run_on_grid(grid, scenario_ref: str, overrides: str, out: str) -> dict:
     scenario = load_scenario(source, overrides.split() if overrides else None)
     # `fedsec deploy` checked --out before it started the nodes (their logs are in it by now)
     run_dir = RunDir(out) if out else RunDir.for_scenario(scenario, None)
+    run_dir.begin()
+    run_dir.claim("deployment")
     run_dir.write_scenario(scenario)
     manifest = new_manifest(scenario, run_dir)
     manifest["engine"]["name"] = "deployment"
@@ -289,6 +291,6 @@ def run_on_grid(grid, scenario_ref: str, overrides: str, out: str) -> dict:
     finally:
         summary = finish_summary(build_summary(scenario, run_dir, status, t0, error), run_dir, scenario, failure)
         run_dir.write_summary(summary)
-        manifest.update(status=summary["status"], ended_at=utc_now())
+        manifest.update(status=summary["status"], ended_at=utc_now(), files=run_dir.created_files())
         run_dir.write_manifest(manifest)
     return summary
