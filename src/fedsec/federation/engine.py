@@ -400,7 +400,7 @@ def run_ray(scenario, serve_fn, num_hospitals: int, verbose: bool = False):
     finally:
         if temp_dir:
             shutil.rmtree(temp_dir, ignore_errors=True)
-    if stop_requested() is not None:
+    if "result" not in holder and stop_requested() is not None:
         raise Interrupted(stop_requested())
     if "result" not in holder:
         raise FedsecError("the simulation ended before the ServerApp finished (see -v for Flower's log)")
