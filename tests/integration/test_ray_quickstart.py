@@ -60,7 +60,8 @@ def test_failing_hospital_fails_the_run(tmp_path, capfd):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["rounds"] == 0
     assert "hungary: RuntimeError: disk full at hospital 1" in summary["error"]
-    assert summary["failures"] == [{"round": 1, "hospital": "hungary", "reason": "RuntimeError: disk full at hospital 1"}]
+    assert summary["failures"] == [
+        {"round": 1, "hospital": "hungary", "reason": "RuntimeError: disk full at hospital 1"}]
     assert "hungary" in str(info.value) and "Traceback" not in str(info.value)
     # the console gets no Flower / Ray tracebacks; failures.log keeps the hospital's
     console = capfd.readouterr()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import fedsec.sweep  # noqa: F401 - imported first here: run_sweep binds sys.stderr as its default stream
 from fedsec.cli import main
 from fedsec.errors import FedsecError
 from fedsec.results import RunDir, check_out_folder, is_results_folder, new_manifest, safe_name
