@@ -56,12 +56,22 @@ def test_a_path_with_equals_signs_is_a_path(tmp_path):
     assert _split_args([str(cell), "federation.rounds=1"]) == ([str(cell)], ["federation.rounds=1"])
 
 
-def test_a_sweep_cells_scenario_file_can_be_validated_and_run(tmp_path, capsys):
-    cell = tmp_path / "sw" / "cells" / "attacks=alie,seed=0"
+def test_a_sweep_cells_scenario_file_can_be_validated_and_run(tmp_path, monkeypatch, capsys):
+    cell = tmp_path / "sw" / "cells" / "attacks=alie,seed=0-3f09a2"
     cell.mkdir(parents=True)
-    shutil.copy(QUICKSTART, cell / "scenario.yaml")
+    # a cell's resolved scenario, with the address of its sweep's (now gone) Ray head
+    (cell / "scenario.yaml").write_text(load_scenario(QUICKSTART, ["engine.address=127.0.0.1:1"]).to_yaml())
     assert main(["validate", str(cell / "scenario.yaml"), "federation.rounds=2"]) == 0
     assert "ok " in capsys.readouterr().out
+
+    def one_round(run_dir, on_round):
+        run_dir.append_round(a_round(1))
+
+    stub_engine(monkeypatch, one_round)
+    out = tmp_path / "again"
+    assert main(["run", str(cell / "scenario.yaml"), "federation.rounds=1", "engine.address=null",
+                 "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["status"] == "completed"
 
 
 # ---- exit codes and the results folder ---------------------------------------------------

@@ -74,7 +74,8 @@ def check_address(scenario, timeout: float | None = None) -> None:
             last = err
             time.sleep(min(0.5, max(deadline - time.monotonic(), 0)))
     raise FedsecError(f"engine.address={addr}: no Ray cluster answered within {timeout:g} s ({last}); start one "
-                      "with `ray start --head` there, or remove engine.address to start Ray on this machine")
+                      "with `ray start --head` there, or add engine.address=null to start Ray on this machine (a sweep "
+                      "cell's scenario.yaml keeps the address of its sweep's own Ray head)")
 
 
 def check_resources(scenario) -> None:
