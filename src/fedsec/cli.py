@@ -1,28 +1,52 @@
 """``fedsec run | validate | list`` (and the commands later issues add).
 
-Exit codes: 0 success; 1 a run that started and failed (its results folder says why);
-2 bad input (scenario, override, file), with one clear message and no traceback.
+Exit codes (docs/ci.md): 0 success (also a run in which hospitals failed but that
+``federation.min_hospitals`` let finish: its status is ``completed_with_failures``);
+1 a run that started and failed (its results folder says why); 2 bad input (scenario,
+override, file, ``--out`` folder), with one clear message and no traceback; 130 stopped by
+Ctrl-C, 143 by SIGTERM (finished rounds kept).
+
+Options, the scenario file and ``key=value`` overrides may come in any order. A word is
+the scenario's path when it names an existing file or ends in ``.yaml`` / ``.yml``;
+otherwise it is an override when it has a ``key=`` (a dotted key) before its first ``=``,
+and a path if not. So a sweep cell's own ``runs/sw/cells/attacks=alie,seed=0/scenario.yaml``
+is a path.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 from fedsec.errors import FedsecError
 
+_KEY = re.compile(r"[A-Za-z_][\w.\[\]]*")
+
 
 def default_scenario() -> Path:
-    from fedsec.scenario import project_root
+    """The quickstart: ./scenarios/quickstart.yaml if there is one, else the packaged one."""
+    from fedsec.scenario import catalogue_dirs
 
-    return project_root() / "scenarios" / "quickstart.yaml"
+    for d in catalogue_dirs("scenarios"):
+        if (d / "quickstart.yaml").is_file():
+            return d / "quickstart.yaml"
+    raise FedsecError("no scenarios/quickstart.yaml here nor in the installed package; give a scenario file")
+
+
+def is_path(word: str) -> bool:
+    """A scenario path rather than a ``key=value`` override (rule in the module doc)."""
+    if word.endswith((".yaml", ".yml")) or Path(word).is_file():
+        return True
+    key, sep, _ = word.partition("=")
+    return not (sep and _KEY.fullmatch(key.strip()))
 
 
 def _split_args(items: list[str]) -> tuple[list[str], list[str]]:
-    """Positional words: the ones with '=' are overrides, the others scenario paths."""
-    paths = [a for a in items if "=" not in a]
-    overrides = [a for a in items if "=" in a]
+    """Positional words -> (scenario paths, overrides), each in the order given."""
+    paths = [a for a in items if is_path(a)]
+    overrides = [a for a in items if not is_path(a)]
     return paths, overrides
 
 
@@ -38,11 +62,13 @@ def cmd_run(args) -> int:
         if len(paths) > 1:
             raise FedsecError(f"one scenario at a time, got {len(paths)}: {' '.join(paths)}")
         scenario = paths[0] if paths else str(default_scenario())
-        summary = fedsec.run(scenario, overrides=overrides, out=args.out, verbose=args.verbose)
+        summary = fedsec.run(scenario, overrides=overrides, out=args.out, verbose=args.verbose, force=args.force)
     f = summary["final"]
     t = summary["timing"]
     print(f"completed {summary['rounds']} rounds in {t['wall_s']:.1f} s (start-up {t['startup_s']:.1f} s, "
           f"rounds {t['rounds_s']:.1f} s)")
+    if summary["status"] != "completed":
+        print(f"status {summary['status']}: {summary['error']}")
     print("final (union of hospitals' test sets): " + ", ".join(
         f"{k} {v:.3f}" for k, v in f.items() if v is not None))
     for k, v in summary.get("attack", {}).items():
@@ -57,7 +83,13 @@ def cmd_deploy(args) -> int:
 
     paths, overrides = _split_args(args.items)
     scenario = paths[0] if paths else str(default_scenario())
-    summary = deploy(scenario, overrides, args.out, args.secure, clientapp=args.clientapp, verbose=True)
+    if args.out:
+        from fedsec.results import RunDir, check_out_folder, is_results_folder
+
+        check_out_folder(args.out, args.force)
+        if is_results_folder(args.out):  # an earlier run's folder: its files go, nothing else
+            RunDir(args.out).clear()
+    summary = _deploy_stopping_on_sigterm(deploy, scenario, overrides, args)
     f = summary["final"]
     print(f"deployment ({'TLS + node authentication' if args.secure else 'insecure, loopback'}) completed "
           f"{summary['rounds']} rounds in {summary['timing']['wall_s']:.1f} s")
@@ -65,6 +97,55 @@ def cmd_deploy(args) -> int:
         f"{k} {v:.3f}" for k, v in f.items() if v is not None))
     print(f"results: {summary['path']}")
     return 0
+
+
+def _deploy_stopping_on_sigterm(deploy, scenario, overrides, args) -> dict:
+    """SIGTERM stops a deployment like Ctrl-C: the SuperLink and SuperNodes are stopped in order
+    (LocalDeployment's exit), the results folder says "interrupted", exit 143."""
+    import signal
+
+    from fedsec.federation.engine import Interrupted
+
+    def on_term(signum, frame):
+        raise Interrupted(signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        return deploy(scenario, overrides, args.out, args.secure, clientapp=args.clientapp, verbose=True)
+    except KeyboardInterrupt as err:
+        _mark_interrupted(args.out, err)
+        raise err if isinstance(err, Interrupted) else Interrupted(signal.SIGINT) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _mark_interrupted(out, err) -> None:
+    """A deployment's ServerApp process was stopped mid-run: its summary says "running" (or
+    "failed", when it saw the SuperLink go away first)."""
+    from fedsec.federation.engine import Interrupted
+    from fedsec.results import read_json, utc_now, write_json
+
+    if not out:
+        return
+    for name in ("summary.json", "manifest.json"):
+        f = Path(out) / name
+        try:
+            data = read_json(f)
+        except (OSError, ValueError):
+            continue
+        if data.get("status") in ("running", "failed"):  # the ServerApp saw its link go away
+            data["status"] = "interrupted"
+            if name == "summary.json":
+                data["error"] = f"interrupted by {err.args[0] if isinstance(err, Interrupted) else 'SIGINT'}"
+            else:
+                data["ended_at"] = utc_now()
+            write_json(f, data)
+    print(f"fedsec: deployment interrupted; the SuperLink and SuperNodes are stopped; results so far: {out}",
+          file=sys.stderr)
 
 
 def cmd_validate(args) -> int:
@@ -125,12 +206,40 @@ def cmd_baseline(args) -> int:
     from fedsec.scenario import load_scenario
 
     paths, overrides = _split_args(args.items)
+    if len(paths) > 1:
+        raise FedsecError(f"one scenario at a time, got {len(paths)}: {' '.join(paths)}")
     scenario = load_scenario(paths[0] if paths else str(default_scenario()), overrides)
+    run_dir = None
+    if args.out:
+        from fedsec.results import RunDir, check_out_folder
+
+        check_out_folder(args.out, args.force)  # before the training, not after
     res = centralised(scenario, epochs=args.epochs)
     print(f"centralised baseline of {scenario.name}: {res['train_rows']} pooled training rows, "
           f"{res['epochs']} epochs, {res['seconds']:.1f} s")
     print("union test: " + ", ".join(f"{k} {v:.3f}" for k, v in res["final"].items() if v == v))
+    if args.out:
+        run_dir = RunDir.for_scenario(scenario, args.out, force=args.force)
+        write_baseline(run_dir, scenario, res)
+        print(f"results: {run_dir.path}")
     return 0
+
+
+def write_baseline(run_dir, scenario, res: dict) -> None:
+    """A baseline's results folder: scenario.yaml, manifest.json, summary.json (kind "baseline")."""
+    from fedsec.results import new_manifest, utc_now
+
+    run_dir.begin()
+    run_dir.write_scenario(scenario)
+    manifest = new_manifest(scenario, run_dir)
+    manifest["engine"] = {"name": "centralised"}
+    run_dir.write_summary({"status": "completed", "kind": "baseline", "scenario": scenario.name,
+                           "seed": scenario.seed, "epochs": res["epochs"], "train_rows": res["train_rows"],
+                           "final": res["final"], "timing": {"wall_s": res["seconds"]},
+                           "path": str(run_dir.path)})
+    manifest.update(status="completed", ended_at=utc_now())
+    manifest["files"] = sorted(set(run_dir.created_files()) | {"manifest.json"})
+    run_dir.write_manifest(manifest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,7 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a scenario (default: the embedded quickstart)")
     p.add_argument("items", nargs="*", metavar="SCENARIO|key=value",
                    help="a scenario file and key=value overrides (e.g. federation.rounds=3)")
-    p.add_argument("--out", help="results folder (default runs/<name>/<UTC time>-<hash>/)")
+    p.add_argument("--out", help="results folder (default runs/<name>/<UTC time>-<hash>/); must be new, empty "
+                                 "or an earlier run's folder")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty --out folder that is not a fedsec run (nothing already there "
+                        "is removed or overwritten)")
     p.add_argument("--resume", metavar="RUN_DIR", help="finish an interrupted run from its results folder")
     p.add_argument("-v", "--verbose", action="store_true", help="show Flower's and Ray's logs")
     p.set_defaults(fn=cmd_run)
@@ -148,12 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("baseline", help="train the scenario's model on pooled data (the centralised reference)")
     p.add_argument("items", nargs="*", metavar="SCENARIO|key=value")
     p.add_argument("--epochs", type=int, help="default: rounds x local epochs")
+    p.add_argument("--out", help="write scenario.yaml, manifest.json and summary.json into this folder")
+    p.add_argument("--force", action="store_true", help="as for run: allow a non-empty folder that is not a fedsec run")
     p.set_defaults(fn=cmd_baseline)
 
     p = sub.add_parser("deploy", help="run a scenario on real Flower processes: a SuperLink + one SuperNode "
                                       "per hospital on loopback")
     p.add_argument("items", nargs="*", metavar="SCENARIO|key=value")
-    p.add_argument("--out", help="results folder")
+    p.add_argument("--out", help="results folder (new, empty or an earlier run's)")
+    p.add_argument("--force", action="store_true", help="as for run: allow a non-empty folder that is not a fedsec run")
     p.add_argument("--secure", action="store_true", help="TLS certificates + SuperNode authentication")
     p.add_argument("--clientapp", choices=["warm", "subprocess"], default="warm",
                    help="warm: one long-lived ClientApp process per hospital (default); subprocess: Flower's "
@@ -178,9 +294,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None):
+    """Options, scenario and overrides in any order: argparse stops filling a positional
+    list at the first option, so the words after it come back as extras; they join ``items``
+    in order. An unknown option is still an error."""
+    args, extras = parser.parse_known_args(argv)
+    unknown = [e for e in extras if e.startswith("-")]
+    if unknown or (extras and not hasattr(args, "items")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extras)}")
+    if extras:
+        args.items = list(args.items or []) + extras
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
+    from fedsec.federation.engine import Interrupted
     from fedsec.runner import RunFailed
 
     try:
@@ -191,9 +321,29 @@ def main(argv: list[str] | None = None) -> int:
     except FedsecError as err:
         print(f"fedsec: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("fedsec: interrupted; finished rounds are kept (resume with --resume RUN_DIR)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        code = err.exit_code if isinstance(err, Interrupted) else 130
+        if not isinstance(err, Interrupted):  # the run's own message was printed otherwise
+            print("fedsec: interrupted; finished rounds are kept (resume with --resume RUN_DIR)", file=sys.stderr)
+        _exit_if_stuck(code)
+        return code
+
+
+def _exit_if_stuck(code: int) -> None:
+    """After an interrupt: if a thread of the stopped run is still stuck (a call that never
+    returns), exit now rather than wait for it at interpreter exit; the results are written."""
+    import os
+    import threading
+    import time
+
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(
+            t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        time.sleep(0.1)
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

@@ -28,9 +28,12 @@ def _check_privacy(scenario, task) -> None:
 
 
 class Progress:
-    """One line per round on stderr: metrics, round time, ETA."""
+    """One line per round on stderr (metrics, round time, ETA), then one line per hospital
+    that failed in the round. Also keeps the manifest's list of created files current, so a
+    run killed outright still names most of its files."""
 
-    def __init__(self, scenario, enabled: bool = True, stream=None, tracker=None):
+    def __init__(self, scenario, enabled: bool = True, stream=None, tracker=None, run_dir=None, manifest=None):
+        self.run_dir, self.manifest = run_dir, manifest
         self.tracker = tracker  # TensorBoard (output.tensorboard), or None
         self.total = scenario.federation.rounds
         self.enabled = enabled
@@ -41,6 +44,9 @@ class Progress:
         self.times.append(record["time_s"])
         if self.tracker:
             self.tracker(record)
+        if self.run_dir is not None and self.manifest is not None:
+            self.manifest["files"] = self.run_dir.created_files()
+            self.run_dir.write_manifest(self.manifest)
         if not self.enabled:
             return
         g = record["global"]
@@ -53,6 +59,8 @@ class Progress:
             parts.append(f"flagged {','.join(record['defense']['flagged'])}")
         parts.append(f"{record['time_s']:.2f} s" + (f", eta {eta:.0f} s" if record["round"] < self.total else ""))
         print("  " + " | ".join(parts), file=self.stream, flush=True)
+        for f in record.get("failures", []) or []:
+            print(f"    failed: {f}", file=self.stream, flush=True)
 
 
 def hospital_names(scenario, task) -> list[str]:
@@ -92,84 +100,152 @@ def build_summary(scenario, run_dir: RunDir, status: str, t0: float, error: str 
     }
 
 
+FAILURE_STATUS = "completed_with_failures"
+
+
+def round_failures(rounds: list[dict]) -> list[dict]:
+    """Every hospital failure of the finished rounds: ``{"round", "hospital", "reason"}``
+    (rounds.jsonl keeps them as ``"<hospital>: <one-line reason>"``)."""
+    out = []
+    for r in rounds:
+        for text in r.get("failures", []) or []:
+            hospital, _, reason = str(text).partition(": ")
+            out.append({"round": r.get("round"), "hospital": hospital, "reason": reason})
+    return out
+
+
+def finish_summary(summary: dict, run_dir: RunDir, scenario, err: BaseException | None = None) -> dict:
+    """Add the hospitals' failures (finished rounds + the round that failed the run) to a
+    summary and say so in its status: a run in which hospitals failed is not "completed"."""
+    failures = round_failures(run_dir.read_rounds())
+    failures += [dict(f) for f in getattr(err, "failures", None) or []]
+    summary["failures"] = failures
+    if failures:
+        summary["failures_log"] = str(run_dir.failures_log)
+    if summary["status"] == "completed":
+        if summary["rounds"] < scenario.federation.rounds:
+            summary["status"], summary["error"] = "failed", (
+                f"only {summary['rounds']} of {scenario.federation.rounds} rounds finished")
+        elif failures:
+            hospitals = sorted({f["hospital"] for f in failures})
+            summary["status"] = FAILURE_STATUS
+            summary["error"] = (f"{len(failures)} hospital failure(s) in {len({f['round'] for f in failures})} "
+                                f"round(s) ({', '.join(hospitals)}); see {run_dir.failures_log}")
+    return summary
+
+
+def _unexpected(err: BaseException, run_dir: RunDir) -> str:
+    """A bug or a library failure: its full traceback goes to error.log; -> one line naming it."""
+    import traceback
+
+    path = run_dir.write_error("".join(traceback.format_exception(err)))
+    first = (str(err).strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {first} (traceback in {path})"
+
+
 def run(scenario, overrides=None, out=None, verbose: bool = False, resume: str | Path | None = None,
-        progress: bool = True) -> dict:
+        progress: bool = True, force: bool = False) -> dict:
     """Load (or take) a scenario, run it, write the results folder, return summary.json's dict.
 
-    ``resume``: a results folder of an interrupted run; its scenario and checkpoint are
-    used and only the unfinished rounds run. Raises ScenarioError before anything starts
-    when the scenario is invalid, and RunFailed (with the written summary) if the run fails.
+    ``out`` must be new, empty or an earlier run's folder; ``force`` allows any other folder
+    (nothing already there is removed or overwritten). ``resume``: a results folder of an
+    interrupted run; its scenario and checkpoint are used and only the unfinished rounds run.
+    Raises ScenarioError before anything starts when the scenario is invalid, RunFailed
+    (with the written summary) if the run fails, and ``Interrupted`` (a KeyboardInterrupt)
+    when SIGINT / SIGTERM stopped it (status "interrupted", finished rounds kept).
     """
-    from fedsec.federation.engine import quiet
+    from fedsec.federation.engine import Interrupted, check_address, quiet, stop_on_signals, stop_requested
+    from fedsec.results import is_results_folder
     from fedsec.scenario import Scenario, load_scenario
-    from fedsec.tasks import build_task
 
     t0 = time.perf_counter()
     quiet(verbose)
+    previous = None
     if resume is not None:
+        if not (Path(resume) / "scenario.yaml").exists() or not is_results_folder(resume):
+            raise FedsecError(f"{resume}: not a fedsec results folder (no scenario.yaml / manifest.json)")
         run_dir = RunDir(resume)
-        if not (run_dir.path / "scenario.yaml").exists():
-            raise FedsecError(f"{run_dir.path}: not a results folder (no scenario.yaml)")
         scenario = load_scenario(run_dir.path / "scenario.yaml", overrides)
+        previous = read_json(run_dir.path / "manifest.json")
+        check_address(scenario)
     else:
         scenario = scenario if isinstance(scenario, Scenario) and not overrides else load_scenario(scenario, overrides)
-        run_dir = RunDir.for_scenario(scenario, out)
-        if run_dir.has_results():  # a fresh run must not append to an earlier run's records
-            print(f"fedsec: replacing the earlier results in {run_dir.path} (finish an interrupted run "
-                  "with --resume instead)", file=sys.stderr)
-            run_dir.clear()
-    task = build_task(scenario)  # data errors surface here, before any engine starts
-    _check_privacy(scenario, task)  # privacy options and combinations, before any engine starts
-    hospitals = hospital_names(scenario, task)
-
-    initial_state, offset, server_state = None, 0, None
+        check_address(scenario)  # an engine.address that does not answer is bad input: before any output
+        run_dir = RunDir.for_scenario(scenario, out, force=force)
+    run_dir.begin(previous)
     manifest = new_manifest(scenario, run_dir)
     if resume is not None:
-        ckpt = run_dir.load_checkpoint()
-        if ckpt is not None:  # the model and the server's state (rule, attacks, central DP)
-            initial_state, offset, server_state = ckpt["state"], int(ckpt["round"]), ckpt["server"]
-        run_dir.truncate_rounds(offset)
-        old = run_dir.path / "manifest.json"
-        if old.exists():
-            manifest["started_at"] = read_json(old).get("started_at", manifest["started_at"])
-        manifest["resumed_at_round"] = offset
+        manifest["started_at"] = previous.get("started_at", manifest["started_at"])
     else:
         run_dir.write_scenario(scenario)
+    manifest["files"] = run_dir.created_files()
     run_dir.write_manifest(manifest)
     run_dir.write_summary(build_summary(scenario, run_dir, "running", t0))
-    if progress:
-        print(f"fedsec: {scenario.name} | {len(hospitals)} hospitals | {scenario.federation.rounds} rounds | "
-              f"{scenario.engine.name} -> {run_dir.path}", file=sys.stderr, flush=True)
 
-    from fedsec.tracking import TensorBoardTracker
-
-    tracker = TensorBoardTracker.for_run(scenario, run_dir, resumed_from_round=offset)
-    status, error = "failed", None
+    status, error, failure, started = "failed", None, None, False
+    tracker = None
     try:
-        _engine_run(scenario, hospitals, task, run_dir, Progress(scenario, progress, tracker=tracker), verbose,
-                    initial_state, offset, server_state)
-        status = "completed"
-    except KeyboardInterrupt:
-        status, error = "interrupted", "interrupted by the user"
-        raise
+        with stop_on_signals(kill_local_ray=not scenario.engine.address):
+            from fedsec.tasks import build_task
+
+            task = build_task(scenario)  # data errors surface here, before any engine starts
+            _check_privacy(scenario, task)  # privacy options and combinations, before any engine starts
+            hospitals = hospital_names(scenario, task)
+            initial_state, offset, server_state = None, 0, None
+            if resume is not None:
+                ckpt = run_dir.load_checkpoint()
+                if ckpt is not None:  # the model and the server's state (rule, attacks, central DP)
+                    initial_state, offset, server_state = ckpt["state"], int(ckpt["round"]), ckpt.get("server")
+                run_dir.truncate_rounds(offset)
+                manifest["resumed_at_round"] = offset
+            if progress:
+                print(f"fedsec: {scenario.name} | {len(hospitals)} hospitals | {scenario.federation.rounds} rounds | "
+                      f"{scenario.engine.name} -> {run_dir.path}", file=sys.stderr, flush=True)
+
+            from fedsec.tracking import TensorBoardTracker
+
+            tracker = TensorBoardTracker.for_run(scenario, run_dir, resumed_from_round=offset)
+            if stop_requested() is not None:  # Ctrl-C while the data loaded: do not start Ray
+                raise Interrupted(stop_requested())
+            started = True
+            _engine_run(scenario, hospitals, task, run_dir,
+                        Progress(scenario, progress, tracker=tracker, run_dir=run_dir, manifest=manifest),
+                        verbose, initial_state, offset, server_state)
+            status = "completed"
+    except KeyboardInterrupt as err:  # Ctrl-C / SIGTERM (Interrupted), or a Ctrl-C before the engine ran
+        failure = err if isinstance(err, Interrupted) else Interrupted()
+        status, error = "interrupted", f"interrupted by {signal_name(failure.signum)}"
     except FedsecError as err:
-        error = str(err)
-    except Exception as err:  # a bug or a library failure: keep the results, say what happened
-        error = f"{type(err).__name__}: {err}"
+        error, failure = str(err), err
+    except Exception as err:  # a bug or a library failure: keep the results and the traceback
+        error, failure = _unexpected(err, run_dir), err
     finally:
         if tracker:
             tracker.close()
-        summary = build_summary(scenario, run_dir, status, t0, error)
-        if status == "completed" and summary["rounds"] < scenario.federation.rounds:
-            summary["status"], summary["error"] = "failed", (
-                f"only {summary['rounds']} of {scenario.federation.rounds} rounds finished")
+        summary = finish_summary(build_summary(scenario, run_dir, status, t0, error), run_dir, scenario, failure)
         run_dir.write_summary(summary)
-        manifest.update(status=summary["status"], ended_at=utc_now())
+        manifest.update(status=summary["status"], ended_at=utc_now(), files=run_dir.created_files())
         run_dir.write_manifest(manifest)
-    if summary["status"] != "completed":
+    if status == "interrupted":
+        if progress:
+            print(f"fedsec: interrupted after {summary['rounds']} finished round(s); they are kept in "
+                  f"{run_dir.path} (finish with: fedsec run --resume {run_dir.path})", file=sys.stderr, flush=True)
+        raise failure
+    if isinstance(failure, FedsecError) and not started:
+        raise failure  # bad input found before any engine started (data, privacy options): exit 2
+    if summary["status"] not in ("completed", FAILURE_STATUS):
         raise RunFailed(f"run failed after {summary['rounds']} round(s): {summary['error']}\n"
                         f"results so far: {run_dir.path}", summary)
     return summary
+
+
+def signal_name(signum: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def _engine_run(scenario, hospitals, task, run_dir, on_round, verbose, initial_state, offset, server_state=None):
@@ -200,24 +276,28 @@ def run_on_grid(grid, scenario_ref: str, overrides: str, out: str) -> dict:
     ref = scenario_ref.strip()
     source = yaml.safe_load(ref) if "\n" in ref else ref
     scenario = load_scenario(source, overrides.split() if overrides else None)
-    run_dir = RunDir.for_scenario(scenario, out or None)
+    # `fedsec deploy` checked --out before it started the nodes (their logs are in it by now)
+    run_dir = RunDir(out) if out else RunDir.for_scenario(scenario, None)
+    run_dir.begin()
+    run_dir.claim("deployment")
     run_dir.write_scenario(scenario)
     manifest = new_manifest(scenario, run_dir)
     manifest["engine"]["name"] = "deployment"
     run_dir.write_manifest(manifest)
     task = build_task(scenario)
     _check_privacy(scenario, task)
-    status, error = "failed", None
+    status, error, failure = "failed", None, None
     try:
         serve(grid, scenario, hospital_names(scenario, task), run_dir, Progress(scenario), task,
               task.make_model(seed=scenario.seed).state_dict(), 0)
         status = "completed"
     except Exception as err:
-        error = str(err) if isinstance(err, FedsecError) else f"{type(err).__name__}: {err}"
+        failure = err
+        error = str(err) if isinstance(err, FedsecError) else _unexpected(err, run_dir)
         raise
     finally:
-        summary = build_summary(scenario, run_dir, status, t0, error)
+        summary = finish_summary(build_summary(scenario, run_dir, status, t0, error), run_dir, scenario, failure)
         run_dir.write_summary(summary)
-        manifest.update(status=status, ended_at=utc_now())
+        manifest.update(status=summary["status"], ended_at=utc_now(), files=run_dir.created_files())
         run_dir.write_manifest(manifest)
     return summary

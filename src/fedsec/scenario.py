@@ -184,20 +184,23 @@ STRATEGY_FRAMEWORK_KEYS = ("preset", "rule", "description", "flower")
 
 
 def project_root() -> Path:
-    """The source checkout holding ``scenarios/``, ``attacks/``, ``strategies/``."""
+    """The source checkout holding ``scenarios/``, ``attacks/``, ``strategies/`` (in a wheel
+    install, a folder without them: the packaged catalogue is ``fedsec/catalogue/``)."""
     return Path(__file__).resolve().parents[2]
 
 
 def catalogue_dirs(kind: str, near: Path | None = None) -> list[Path]:
     """Where presets of ``kind`` ('attacks' | 'strategies' | 'scenarios') are looked up, in
-    order: next to the scenario file (and its parents), the working directory, the project."""
+    order: next to the scenario file (and its parents), the working directory, the project
+    checkout, the catalogue shipped in the package (``fedsec/catalogue/<kind>``: symlinks to
+    the checkout's folders, real copies in a wheel). A name found earlier wins."""
     dirs: list[Path] = []
     if near is not None:
         for parent in [near.resolve().parent, *near.resolve().parents]:
             if (parent / kind).is_dir():
                 dirs.append(parent / kind)
                 break
-    for base in (Path.cwd(), project_root()):
+    for base in (Path.cwd(), project_root(), Path(__file__).resolve().parent / "catalogue"):
         if (base / kind).is_dir() and (base / kind).resolve() not in [d.resolve() for d in dirs]:
             dirs.append(base / kind)
     return dirs

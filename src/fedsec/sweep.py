@@ -258,6 +258,8 @@ def cell_state(sweep_dir: Path, cell: Cell) -> tuple[str, str | None]:
     except (OSError, ValueError):
         return "interrupted", "summary.json unreadable"
     status = summary.get("status")
+    if status == "completed_with_failures":  # finished; its failures are in its summary.json
+        status = FINISHED
     if status == FINISHED and cell.digest:
         try:
             import yaml
@@ -403,7 +405,7 @@ def _cell_worker_loop(conn, parent_pid: int, address: str, scenario_path: str) -
                       flush=True)
                 try:
                     fedsec.run(scenario_path, overrides=msg["overrides"] + [f"engine.address={address}"],
-                               out=path, progress=True)
+                               out=path, progress=True, force=True)  # force: the folder holds log.txt
                     result = {"status": FINISHED, "error": None}
                 except RunFailed as err:
                     result = {"status": err.summary.get("status", "failed"), "error": err.summary.get("error")}
@@ -615,9 +617,29 @@ class SweepRun:
         return statistics.fmean(self.durations) * math.ceil(remaining / max(self.parallel, 1))
 
 
+SWEEP_NAMES = ("sweep.json", "sweep.csv", "summary.csv", "summary.md", "cells", "logs")
+
+
+def check_sweep_out(out: Path, force: bool = False) -> None:
+    """A sweep writes only into a new or empty folder or an earlier sweep's (it has sweep.json);
+    ``--force`` allows another folder, but never one holding a file of the sweep's names."""
+    if out.exists() and not out.is_dir():
+        raise FedsecError(f"--out {out}: is a file, not a folder")
+    if not out.exists() or (out / "sweep.json").is_file() or not any(out.iterdir()):
+        return
+    if not force:
+        raise FedsecError(f"--out {out}: the folder is not empty and is not a fedsec sweep folder (no sweep.json); "
+                          "give a new or empty folder, or add --force to write into it (nothing already there is "
+                          "removed or overwritten)")
+    clash = sorted(n for n in SWEEP_NAMES if (out / n).exists())
+    if clash:
+        raise FedsecError(f"--out {out}: holds {', '.join(clash)}, which the sweep would overwrite and which fedsec "
+                          "did not write (even with --force); move them or give another folder")
+
+
 def run_sweep(scenario, grid=None, seeds=None, out=None, overrides=None, parallel: int | None = None,
               address: str | None = None, rows: str | None = None, cols: str | None = None,
-              metric: str = "auroc", stream=sys.stderr, dry_run: bool = False) -> dict:
+              metric: str = "auroc", stream=sys.stderr, dry_run: bool = False, force: bool = False) -> dict:
     """Run (or resume) a sweep; returns sweep.json's dict (plus ``"tables"``: the written files).
 
     scenario: a scenario file. grid: ``{"attacks": ["none", "alie"], ...}`` or
@@ -641,6 +663,7 @@ def run_sweep(scenario, grid=None, seeds=None, out=None, overrides=None, paralle
             raise ScenarioError(f"--rows/--cols '{key}' is not a grid key; grid keys: {', '.join(grid) or '(none)'}",
                                 file="command line")
     out = Path(out) if out else default_out(scenario, grid, seeds, base)
+    check_sweep_out(out, force)
     if parallel is not None and parallel < 1:
         raise ScenarioError(f"--parallel must be >= 1, got {parallel}", file="command line")
     parallel = parallel or default_parallel(scenarios)
@@ -794,6 +817,8 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cols", metavar="KEY", help="grid key of the table's columns (default: strategy)")
     p.add_argument("--metric", default="auroc", choices=METRIC_KEYS, help="utility metric of the tables")
     p.add_argument("--dry-run", action="store_true", help="validate and list the cells, run nothing")
+    p.add_argument("--force", action="store_true", help="write into a non-empty --out folder that is not a sweep "
+                                                       "(nothing already there is removed or overwritten)")
     p.set_defaults(fn=cmd_sweep)
     return p
 
@@ -816,13 +841,14 @@ def cmd_sweep(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    paths = [a for a in args.items if "=" not in a]
-    overrides = [a for a in args.items if "=" in a]
+    from fedsec.cli import _split_args
+
+    paths, overrides = _split_args(args.items)
     if len(paths) != 1:
         raise FedsecError(f"give exactly one scenario file, got {len(paths)}: {' '.join(paths) or '(none)'}")
     result = run_sweep(paths[0], grid=args.grid, seeds=args.seeds, out=args.out, overrides=overrides,
                        parallel=args.parallel, address=args.address, rows=args.rows, cols=args.cols,
-                       metric=args.metric, dry_run=args.dry_run)
+                       metric=args.metric, dry_run=args.dry_run, force=args.force)
     if args.dry_run:
         return 0
     print(Path(result["tables"]["summary_md"]).read_text())

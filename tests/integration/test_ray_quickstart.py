@@ -52,19 +52,35 @@ def test_same_seed_same_metrics(two_runs):
     assert [r["per_hospital"] for r in ra] == [r["per_hospital"] for r in rb]
 
 
-def test_failing_hospital_fails_the_run(tmp_path):
+def test_failing_hospital_fails_the_run(tmp_path, capfd):
     overrides = ["federation.rounds=2",
-                 "attacks=[{attack: 'tests.integration.faulty:Boom', hospitals: [1]}]"]
+                 "attacks=[{preset: hospital_fault, hospitals: [1], message: disk full}]"]
     with pytest.raises(RunFailed) as info:
         fedsec.run(QUICKSTART, overrides=overrides, out=tmp_path, progress=False)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["rounds"] == 0
-    assert "hungary" in summary["error"] and "disk full at hospital 1" in summary["error"]
-    assert "hungary" in str(info.value)
+    assert "hungary: RuntimeError: disk full at hospital 1" in summary["error"]
+    assert summary["failures"] == [
+        {"round": 1, "hospital": "hungary", "reason": "RuntimeError: disk full at hospital 1"}]
+    assert "hungary" in str(info.value) and "Traceback" not in str(info.value)
+    # the console gets no Flower / Ray tracebacks; failures.log keeps the hospital's
+    console = capfd.readouterr()
+    assert "Traceback" not in console.err + console.out and "\x1b[" not in console.err
+    log = (tmp_path / "failures.log").read_text()
+    assert "=== round 1, training, hungary" in log and "in poison_data" in log and "\x1b[" not in log
+
+
+def test_hospital_failing_every_round_is_not_completed(tmp_path):
+    boom = "attacks=[{preset: hospital_fault, hospitals: [1], message: disk full}]"
+    summary = fedsec.run(QUICKSTART, overrides=["federation.rounds=2", "federation.min_hospitals=1", boom],
+                         out=tmp_path, progress=False)
+    assert summary["status"] == "completed_with_failures" and summary["rounds"] == 2
+    assert [(f["round"], f["hospital"]) for f in summary["failures"]] == [(1, "hungary"), (2, "hungary")]
+    assert json.loads((tmp_path / "manifest.json").read_text())["status"] == "completed_with_failures"
 
 
 def test_diverged_hospital_fails_the_run_or_is_left_out(tmp_path):
-    nan = "attacks=[{attack: 'tests.integration.faulty:Diverge', hospitals: [1]}]"
+    nan = "attacks=[{preset: hospital_fault, hospitals: [1], mode: nan}]"
     with pytest.raises(RunFailed, match=r"hungary: its update has NaN"):
         fedsec.run(QUICKSTART, overrides=["federation.rounds=2", nan], out=tmp_path / "strict", progress=False)
     # allowed to go on with 1 of the 2 hospitals: the NaN update is dropped every round, named in

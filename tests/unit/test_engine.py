@@ -45,11 +45,13 @@ def test_fresh_run_into_used_folder_starts_clean(tmp_path):
     rounds.jsonl (it did: summaries then counted both runs' rounds)."""
     from fedsec.results import RunDir
 
+    (tmp_path / "notes.txt").write_text("mine")
     d = RunDir(tmp_path)
+    d.begin()
     d.append_round({"round": 1})
     d.write_summary({"status": "completed"})
     (tmp_path / "figures" / "old.png").write_bytes(b"x")
-    (tmp_path / "notes.txt").write_text("mine")
+    d.write_manifest({"fedsec_results": 1, "status": "completed", "files": d.created_files()})
     assert d.has_results()
     d.clear()
     assert d.read_rounds() == [] and not (tmp_path / "summary.json").exists()

@@ -4,14 +4,26 @@ Ray stays on loopback with its temp dir in a private temp folder (it otherwise b
 machine's address and writes to /tmp/ray); ``engine.address`` joins an existing cluster
 (``ray start --head``) instead, for more than one machine or for a sweep that pays Ray's
 start-up once.
+
+Stopping (Ctrl-C, SIGTERM): while a run is on, :func:`stop_on_signals` turns the first
+SIGINT/SIGTERM into an orderly stop: the ServerApp's next call to the grid raises, the
+local Ray workers are killed so that training in progress ends at once, Flower shuts Ray
+down, and the run ends with status ``interrupted`` (exit 130, or 143 for SIGTERM). If it
+has not stopped within ``STOP_GRACE_S`` (or on a second signal) the main thread gets a
+KeyboardInterrupt.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import signal
+import socket
 import tempfile
+import threading
+import time
 
 from fedsec.errors import FedsecError
 
@@ -32,10 +44,45 @@ def quiet(verbose: bool) -> None:
         logging.getLogger(name).setLevel(level)
 
 
+ADDRESS_TIMEOUT_S = 20.0  # how long engine.address may take to answer (docs/engines.md)
+
+
+def check_address(scenario, timeout: float | None = None) -> None:
+    """``engine.address`` must answer within ``timeout`` seconds (default ADDRESS_TIMEOUT_S):
+    Ray itself would retry for ever. A TCP connection to the Ray head's port is the check
+    (``auto`` is left to Ray)."""
+    timeout = ADDRESS_TIMEOUT_S if timeout is None else timeout
+    addr = scenario.engine.address
+    if not addr or addr in ("auto", "local"):
+        return
+    hostport = str(addr).split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit():
+        raise FedsecError(f"engine.address={addr}: expected host:port of a Ray head (e.g. 10.0.0.5:6379, "
+                          "or ray://host:10001)")
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            socket.create_connection((host, int(port)), timeout=min(3.0, left)).close()
+            return
+        except OSError as err:
+            last = err
+            time.sleep(min(0.5, max(deadline - time.monotonic(), 0)))
+    raise FedsecError(f"engine.address={addr}: no Ray cluster answered within {timeout:g} s ({last}); start one "
+                      "with `ray start --head` there, or add engine.address=null to start Ray on this machine (a sweep "
+                      "cell's scenario.yaml keeps the address of its sweep's own Ray head)")
+
+
 def check_resources(scenario) -> None:
     """Fail before Ray starts on requests it could never schedule (it would wait forever)."""
     eng = scenario.engine
     if eng.address:
+        check_address(scenario)
         return  # the cluster's resources are the cluster's business
     if eng.num_gpus > 0:
         import torch
@@ -121,6 +168,204 @@ def make_ray_temp_dir() -> str:
     return path
 
 
+# --------------------------------------------------------------------------------------
+# Stopping on SIGINT / SIGTERM
+# --------------------------------------------------------------------------------------
+
+STOP_GRACE_S = 15.0  # after the first signal, how long the orderly stop may take
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by a signal; ``exit_code`` is 128 + its number (130 Ctrl-C, 143 SIGTERM)."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        self.signum = int(signum)
+        super().__init__(signal.Signals(self.signum).name)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class StopRequested(Exception):
+    """Raised in the ServerApp thread by the grid once a stop was asked for. An Exception (not
+    a KeyboardInterrupt) so that Flower's server thread hands it back to the main thread."""
+
+
+class _StopState:
+    def __init__(self):
+        self.event = threading.Event()
+        self.signum: int | None = None
+        self.kill_local_ray = True
+        self.timer: threading.Timer | None = None
+
+    def request(self, signum: int) -> None:
+        self.signum = signum
+        self.event.set()
+
+
+_STOP: _StopState | None = None
+
+
+def stop_requested() -> int | None:
+    """The signal that asked the current run to stop, or None. Engines poll this."""
+    return _STOP.signum if _STOP is not None and _STOP.event.is_set() else None
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for p in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/stat") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(p))
+    return kids
+
+
+def descendants(pid: int | None = None) -> list[int]:
+    kids, out, todo = _children(), [], [pid or os.getpid()]
+    while todo:
+        for c in kids.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def kill_ray_workers() -> int:
+    """SIGKILL this process's local Flower actors (``ray::ClientAppActor``): the hospitals'
+    training in progress ends now instead of at the end of the round. Ray's own processes
+    (raylet, its agents: killing one takes the node down noisily) are left to
+    ``ray.shutdown``. -> how many were killed."""
+    n = 0
+    for pid in descendants():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmd = fh.read()
+            if cmd.startswith(b"ray::ClientAppActor"):
+                os.kill(pid, signal.SIGKILL)
+                n += 1
+        except OSError:
+            pass
+    return n
+
+
+@contextlib.contextmanager
+def stop_on_signals(kill_local_ray: bool = True):
+    """While the block runs, SIGINT and SIGTERM ask the run to stop (see the module doc). A
+    SIGINT that is ignored (a shell's background job, a sweep's worker) stays ignored. Only in
+    the main thread; elsewhere signals are left alone."""
+    global _STOP
+    if threading.current_thread() is not threading.main_thread():
+        yield None
+        return
+    state = _StopState()
+    state.kill_local_ray = kill_local_ray
+
+    def handler(signum, frame):
+        if state.signum is None:
+            state.request(signum)
+            if state.kill_local_ray:
+                kill_ray_workers()
+            import _thread
+
+            state.timer = threading.Timer(STOP_GRACE_S, _thread.interrupt_main, args=(signum,))
+            state.timer.daemon = True
+            state.timer.start()
+            return
+        raise Interrupted(state.signum)
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        current = signal.getsignal(sig)
+        if sig == signal.SIGINT and current is signal.SIG_IGN:
+            continue
+        previous[sig] = current
+        signal.signal(sig, handler)
+    # ray.init (which Flower calls inside the run, in this thread) replaces the SIGTERM handler
+    # twice: in Python (sys.exit) and in C++ (Ray's core worker aborts the process on SIGTERM,
+    # "*** SIGTERM received ***", exit -6): nothing would be written. Put ours back after it.
+    ray_mod, ray_init = None, None
+    with contextlib.suppress(ImportError):
+        import ray as ray_mod
+
+        ray_init = ray_mod.init
+
+        def init_keeping_our_handlers(*args, **kwargs):
+            try:
+                return ray_init(*args, **kwargs)
+            finally:
+                if threading.current_thread() is threading.main_thread():
+                    for sig in previous:
+                        signal.signal(sig, handler)
+
+        ray_mod.init = init_keeping_our_handlers
+        # Ray's driver prints "(raylet) A worker died or was killed..." for each worker the stop
+        # killed: expected then, so not shown.
+        import ray._private.worker as ray_worker
+
+        ray_print = ray_worker.print_to_stdstream
+
+        def print_unless_stopping(data, *args, **kwargs):
+            if stop_requested() is not None and data.get("pid") == "raylet":
+                return None
+            return ray_print(data, *args, **kwargs)
+
+        ray_worker.print_to_stdstream = print_unless_stopping
+    _STOP = state
+    try:
+        yield state
+    finally:
+        _STOP = None
+        if state.timer is not None:
+            state.timer.cancel()
+        if ray_init is not None:
+            ray_mod.init = ray_init
+            ray_worker.print_to_stdstream = ray_print
+        for sig, h in previous.items():
+            signal.signal(sig, h if h is not None else signal.SIG_DFL)
+
+
+def _guard_grid(grid) -> None:
+    """Make the grid raise StopRequested once a stop is asked for: Flower's ServerApp thread
+    waits on the grid, so this is where it can be stopped."""
+    for name in ("pull_messages", "push_messages", "get_node_ids", "send_and_receive"):
+        fn = getattr(grid, name, None)
+        if fn is None:
+            continue
+
+        def checked(*args, _fn=fn, **kwargs):
+            if stop_requested() is not None:
+                raise StopRequested("stopped by a signal")
+            return _fn(*args, **kwargs)
+
+        setattr(grid, name, checked)
+
+
+def _quiet_flower_console(verbose: bool):
+    """Flower logs every failing ClientApp call's traceback (twice) at ERROR: fedsec reports
+    each failure in one line and keeps the tracebacks in failures.log instead."""
+    if verbose:
+        return contextlib.nullcontext()
+    try:
+        from flwr.common.logger import console_handler
+    except ImportError:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def raised():
+        level = console_handler.level
+        console_handler.setLevel(logging.CRITICAL + 1)
+        try:
+            yield
+        finally:
+            console_handler.setLevel(level)
+
+    return raised()
+
+
 def run_ray(scenario, serve_fn, num_hospitals: int, verbose: bool = False):
     """Run ``serve_fn(grid)`` as the ServerApp with one virtual SuperNode per hospital.
 
@@ -139,6 +384,7 @@ def run_ray(scenario, serve_fn, num_hospitals: int, verbose: bool = False):
 
     @server_app.main()
     def _main(grid, context):
+        _guard_grid(grid)
         holder["result"] = serve_fn(grid)
 
     backend_config = {
@@ -147,11 +393,16 @@ def run_ray(scenario, serve_fn, num_hospitals: int, verbose: bool = False):
         "init_args": ray_init_args(scenario, verbose, temp_dir),
     }
     try:
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_hospitals,
-                       backend_config=backend_config, verbose_logging=False)
+        with _quiet_flower_console(verbose):
+            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_hospitals,
+                           backend_config=backend_config, verbose_logging=False)
+    except StopRequested:
+        raise Interrupted(stop_requested() or signal.SIGINT) from None
     finally:
         if temp_dir:
             shutil.rmtree(temp_dir, ignore_errors=True)
+    if "result" not in holder and stop_requested() is not None:
+        raise Interrupted(stop_requested())
     if "result" not in holder:
         raise FedsecError("the simulation ended before the ServerApp finished (see -v for Flower's log)")
     return holder["result"]

@@ -281,8 +281,7 @@ class FedsecStrategy(FedAvg):
         """Step 1. Flower's replies -> (the replies without an error, problems): each problem
         names a hospital that replied with an error or did not reply in time."""
         valid, errors = self._check_and_log_replies(list(replies), is_train=True, validate=False)
-        problems = [f"{self._name(self.hospital_of.get(m.metadata.src_node_id, -1))}: {m.error.reason}"
-                    for m in errors]
+        problems = self._error_problems(r, errors, "training")
         replied = ({int(m.content["metrics"]["hospital"]) for m in valid}
                    | {self.hospital_of.get(m.metadata.src_node_id, -1) for m in errors})
         problems += [f"{self._name(h)}: no reply within {self.scenario.federation.timeout_s:g} s"
@@ -472,15 +471,30 @@ class FedsecStrategy(FedAvg):
         need = self.scenario.federation.min_hospitals
         need = expected if need is None else min(need, expected)
         if usable < need:
-            raise FedsecError(
+            err = FedsecError(
                 f"round {r}: {len(problems)} of {expected} hospitals failed during {phase} "
                 f"(federation.min_hospitals={need}):\n  " + "\n  ".join(problems))
+            err.failures = [{"round": r, "hospital": h, "reason": why}
+                            for h, _, why in (p.partition(": ") for p in problems)]
+            raise err
+
+    def _error_problems(self, r: int, errors: list[Message], phase: str) -> list[str]:
+        """One line per hospital whose reply is an error (its name and the exception's last
+        line, no ANSI codes); the full text (a traceback) goes to the run's failures.log."""
+        from fedsec.results import one_line_reason
+
+        problems = []
+        for m in errors:
+            name = self._name(self.hospital_of.get(m.metadata.src_node_id, -1))
+            problems.append(f"{name}: {one_line_reason(m.error.reason)}")
+            if self.run_dir is not None:
+                self.run_dir.log_failure(r, name, phase, m.error.reason)
+        return problems
 
     def _check(self, r: int, replies, expected: list[int]):
         """Evaluation replies -> (valid replies sorted by hospital, problems)."""
         valid, errors = self._check_and_log_replies(list(replies), is_train=False, validate=False)
-        problems = [f"{self._name(self.hospital_of.get(m.metadata.src_node_id, -1))}: {m.error.reason}"
-                    for m in errors]
+        problems = self._error_problems(r, errors, "evaluation")
         replied = ({int(m.content["metrics"]["hospital"]) for m in valid}
                    | {self.hospital_of.get(m.metadata.src_node_id, -1) for m in errors})
         problems += [f"{self._name(h)}: no reply within {self.scenario.federation.timeout_s:g} s"
