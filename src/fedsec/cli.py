@@ -37,8 +37,13 @@ def default_scenario() -> Path:
 
 def is_path(word: str) -> bool:
     """A scenario path rather than a ``key=value`` override (rule in the module doc)."""
-    if word.endswith((".yaml", ".yml")) or Path(word).is_file():
+    if word.endswith((".yaml", ".yml")):
         return True
+    try:
+        if Path(word).is_file():
+            return True
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte: not a file
+        pass
     key, sep, _ = word.partition("=")
     return not (sep and _KEY.fullmatch(key.strip()))
 

@@ -78,7 +78,7 @@ def test_a_sweep_cells_scenario_file_can_be_validated_and_run(tmp_path, monkeypa
 
 def stub_engine(monkeypatch, behaviour):
     """Replace the engine: ``behaviour(run_dir, on_round)`` plays the run."""
-    def fake(scenario, hospitals, task, run_dir, on_round, verbose, initial_state, offset):
+    def fake(scenario, hospitals, task, run_dir, on_round, verbose, initial_state, offset, server_state=None):
         return behaviour(run_dir, on_round)
 
     monkeypatch.setattr(runner, "_engine_run", fake)

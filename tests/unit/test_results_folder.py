@@ -108,7 +108,10 @@ def test_a_killed_run_without_a_file_list_loses_only_fedsec_names_and_newer_subf
 
 
 def test_default_path_stays_inside_output_dir_whatever_the_name(tmp_path):
-    s = load_scenario(QUICKSTART, [f"output.dir={tmp_path / 'runs'}"])
+    """Defence in depth: the schema refuses such names and absolute output.dir values
+    (tests/unit/test_scenario_untrusted.py); RunDir itself never leaves output.dir either."""
+    s = load_scenario(QUICKSTART)
+    s.output.dir = str(tmp_path / "runs")
     for name in ("../../escape", "/etc/x", "..", "a/../../b", "ok_name"):
         s.name = name
         d = RunDir.for_scenario(s)
