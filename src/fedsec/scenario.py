@@ -473,8 +473,8 @@ def validate(s: Scenario, file: str = "<scenario>") -> None:
                                                   f"{s.task.name} has {', '.join(known)}")
         if fed.hospitals is not None and fed.hospitals != len(fed.sites):
             err("federation.hospitals", f"is {fed.hospitals} but federation.sites names {len(fed.sites)}")
-    if s.engine.name not in ("ray", "deployment"):
-        err("engine.name", f"must be 'ray' or 'deployment', got '{s.engine.name}'")
+    if s.engine.name not in ("ray", "inline", "deployment"):
+        err("engine.name", f"must be 'ray', 'inline' or 'deployment', got '{s.engine.name}'")
     if s.engine.num_cpus <= 0:
         err("engine.num_cpus", f"must be > 0, got {s.engine.num_cpus}")
     if s.engine.num_gpus < 0:

@@ -1,4 +1,5 @@
-"""Engines: Flower's simulation engine on Ray (default) and, in deployment.py, real nodes.
+"""Engines: Flower's simulation engine on Ray (default), the in-process engine (inline.py) and,
+in deployment.py, real nodes.
 
 Ray stays on loopback with its temp dir in a private temp folder (it otherwise binds the
 machine's address and writes to /tmp/ray); ``engine.address`` joins an existing cluster
@@ -155,3 +156,13 @@ def run_ray(scenario, serve_fn, num_hospitals: int, verbose: bool = False):
     if "result" not in holder:
         raise FedsecError("the simulation ended before the ServerApp finished (see -v for Flower's log)")
     return holder["result"]
+
+
+def run_engine(scenario, serve_fn, num_hospitals: int, verbose: bool = False):
+    """Run ``serve_fn(grid)`` on the scenario's simulation engine: ``ray`` (Flower's simulation
+    engine, the default) or ``inline`` (the same apps in this process, fedsec/federation/inline.py)."""
+    if scenario.engine.name == "inline":
+        from fedsec.federation.inline import run_inline
+
+        return run_inline(scenario, serve_fn, num_hospitals, verbose)
+    return run_ray(scenario, serve_fn, num_hospitals, verbose)
