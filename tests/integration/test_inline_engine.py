@@ -22,12 +22,12 @@ CASES = [
     ("quickstart", ["federation.rounds=3"]),
     ("heart_fedavg", ["federation.rounds=2"]),
     ("heart_sweep", ["federation.rounds=2", "strategy=krum"]),
-    ("integrity_heart", ["federation.rounds=2"]),
+    ("integrity_heart", ["federation.rounds=2", "attacks=[{preset: ehr_trigger, hospitals: [3], rounds: [1, 2]}]"]),
     ("cxr_fedavg", ["federation.hospitals=2", "federation.rounds=2"]),
     ("integrity_cxr", ["federation.hospitals=4", "federation.rounds=2",
                        "attacks=[{preset: model_replacement, hospitals: [0, 1], rounds: [1, 2]}]"]),
     ("integrity_cxr_fedsgd", ["federation.rounds=2"]),
-    ("inversion_cxr", []),
+    ("inversion_cxr", ["attacks=[{preset: inverting_gradients, target_hospital: 0, target_round: 1, iterations: 30}]"]),
 ]
 
 
