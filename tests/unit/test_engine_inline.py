@@ -150,3 +150,41 @@ def test_quickstart_inline_results_and_a_failing_hospital(tmp_path):
                    overrides=["engine.name=inline", "federation.rounds=2",
                               "attacks=[{attack: 'tests.integration.faulty:Boom', hospitals: [1]}]"])
     assert "hungary" in str(info.value) and "disk full at hospital 1" in str(info.value)
+
+
+# ---- sweeps ------------------------------------------------------------------------------
+
+
+def test_sweep_picks_the_engine_per_cell():
+    from fedsec.sweep import cell_engine, cell_need, default_parallel
+
+    q = load_scenario(QUICKSTART)  # 2 hospitals on CPU: in-process
+    assert cell_engine(q) == "inline" and cell_engine(q, "ray") == "ray"
+    assert cell_engine(q, address="10.0.0.5:6379") == "ray"  # a cluster was named
+    assert cell_engine(load_scenario(QUICKSTART, ["engine.address=10.0.0.5:6379"])) == "ray"
+    assert cell_engine(load_scenario(QUICKSTART, ["federation.sites=null", "federation.partition={name: iid}",
+                                                  "federation.hospitals=50"])) == "ray"
+    assert cell_engine(load_scenario(QUICKSTART, ["engine.name=inline", "federation.sites=null",
+                                                  "federation.partition={name: iid}", "federation.hospitals=50"])) \
+        == "inline"  # the scenario's own choice
+    # an in-process cell runs one hospital at a time: one CPU, so two cells side by side on 2 CPUs
+    assert cell_need(q, "inline") == 1.0 and cell_need(q, "ray") == 2.0
+    assert default_parallel([q], cpus=2, engines=["inline"]) == 2 and default_parallel([q], cpus=2) == 1
+
+
+def test_sweep_runs_small_cells_in_process_with_a_direct_runs_results(tmp_path):
+    from fedsec import sweep as sw
+
+    res = sw.run_sweep(QUICKSTART, grid=["strategy=fedavg,median"], overrides=["federation.rounds=2"],
+                       out=tmp_path / "sweep", stream=None)
+    assert [c["status"] for c in res["cells"]] == ["completed", "completed"]
+    assert [c["engine"] for c in res["cells"]] == ["inline", "inline"]
+    meta = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert meta["ray_startup_s"] is None  # no Ray head was started
+    for cell in res["cells"]:
+        direct = tmp_path / f"direct-{cell['values']['strategy']}"
+        fedsec.run(QUICKSTART, overrides=cell["overrides"] + ["engine.name=inline"], out=direct, progress=False)
+        got = [json.loads(x) for x in (tmp_path / "sweep" / cell["path"] / "rounds.jsonl").read_text().splitlines()]
+        want = [json.loads(x) for x in (direct / "rounds.jsonl").read_text().splitlines()]
+        assert [r["global"] for r in got] == [r["global"] for r in want]
+        assert [r["per_hospital"] for r in got] == [r["per_hospital"] for r in want]
