@@ -12,10 +12,12 @@ module supplies two small pieces on Flower's public interfaces:
   ClientApp that raises becomes an error reply with Flower's own ``ClientAppException`` text.
   The process's torch thread count and global RNG states (torch, NumPy, ``random``) are
   restored after every message, so the server side sees what it would see on Ray.
-- :class:`InlineGrid` implements Flower's ``Grid`` interface: ``send_and_receive`` hands each
-  message to the backend and returns the replies at once (no link state, no polling).
-  Each virtual node keeps its Flower ``Context`` across rounds in Flower's own run-info
-  store, as on Ray, with ``partition-id`` / ``num-partitions`` in its node config.
+- :class:`DirectGrid` implements Flower's ``Grid`` interface over any simulation ``Backend``:
+  ``send_and_receive`` hands each message to the backend and returns the replies as soon as
+  they are back (no link state, no polling). Each virtual node keeps its Flower ``Context``
+  across rounds in Flower's own run-info store, with ``partition-id`` / ``num-partitions``
+  in its node config. The Ray engine uses it too, over Flower's own ``RayBackend``
+  (engine.py): that is what removes Flower's 0.1 s message polling from every Ray round.
 
 Hospitals run one after the other. Results are bit-identical to the Ray engine for the same
 scenario and seed (tests/integration/test_inline_engine.py compares the shipped scenarios).
@@ -132,13 +134,16 @@ class InlineBackend(Backend):
         pass
 
 
-class InlineGrid(Grid):
+class DirectGrid(Grid):
     """Flower's ``Grid`` interface over a :class:`Backend`, without link state or polling:
-    a message is processed when it is pushed and its reply is ready when pulled.
+    a message is processed when it is pushed and its reply is ready when pulled. With a
+    backend of several workers (Ray's actor pool) messages are processed side by side, as
+    Flower's simulation runtime does, one thread per worker.
 
-    ``timeout`` in ``send_and_receive``: a hospital's computation cannot be interrupted in
-    this process; messages not yet started when the time is up get no reply (the strategy
-    then reports those hospitals as not having replied, as it would on Ray).
+    ``timeout`` in ``send_and_receive``: replies not back in time are dropped (the strategy
+    then reports those hospitals as not having replied). In this process a hospital's
+    computation cannot be interrupted: messages not yet started when the time is up get
+    no reply.
     """
 
     def __init__(self, backend: Backend, num_nodes: int, run: Run | None = None) -> None:
@@ -178,7 +183,7 @@ class InlineGrid(Grid):
         return list(self.node_ids)
 
     def push_messages(self, messages: Iterable[Message], deadline: float | None = None) -> Iterable[str]:
-        ids = []
+        ids, todo = [], []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = str(uuid4())
             md = msg.metadata
@@ -188,9 +193,24 @@ class InlineGrid(Grid):
                 log.error("Invalid destination node ID for Message: %s", md.dst_node_id)
                 continue  # Flower's link state drops it too: no reply
             ids.append(md.message_id)
-            if deadline is not None and time.time() > deadline:
-                continue  # timed out before it started
-            self._replies[md.message_id] = self._process(msg)
+            todo.append(msg)
+        workers = min(max(1, int(self.backend.num_workers)), len(todo))
+        if workers <= 1:
+            for msg in todo:
+                if deadline is not None and time.time() > deadline:
+                    break  # timed out before it started
+                self._replies[msg.metadata.message_id] = self._process(msg)
+            return ids
+        from concurrent.futures import ThreadPoolExecutor, wait
+
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedsec-grid")
+        try:
+            futures = {pool.submit(self._process, msg): msg.metadata.message_id for msg in todo}
+            done, _ = wait(futures, timeout=None if deadline is None else max(0.0, deadline - time.time()))
+            for fut in done:
+                self._replies[futures[fut]] = fut.result()
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -250,8 +270,6 @@ def run_inline(scenario, serve_fn, num_hospitals: int, verbose: bool = False, cl
     """
     from fedsec.federation.engine import quiet
 
-    if client_app is None:
-        from fedsec.federation.client_app import app as client_app
     quiet(verbose)
     if scenario.engine.num_gpus > 0:
         from fedsec.federation.engine import check_resources
@@ -259,9 +277,15 @@ def run_inline(scenario, serve_fn, num_hospitals: int, verbose: bool = False, cl
         check_resources(scenario)
     backend = InlineBackend({"client_resources": {"num_cpus": float(scenario.engine.num_cpus),
                                                   "num_gpus": float(scenario.engine.num_gpus)}})
-    backend.build(lambda: client_app)
+    return run_on_backend(backend, serve_fn, num_hospitals, client_app)
+
+
+def run_on_backend(backend: Backend, serve_fn, num_hospitals: int, client_app: ClientApp | None = None):
+    """``serve_fn(grid)`` as the ServerApp on a :class:`DirectGrid` over ``backend`` (built
+    here with fedsec's ClientApp, terminated afterwards), one virtual node per hospital."""
+    if client_app is None:
+        from fedsec.federation.client_app import app as client_app
     run = _new_run()
-    grid = InlineGrid(backend, num_hospitals, run)
     holder: dict = {}
     server_app = ServerApp()
 
@@ -271,10 +295,12 @@ def run_inline(scenario, serve_fn, num_hospitals: int, verbose: bool = False, cl
 
     context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={})
     try:
+        backend.build(lambda: client_app)
+        grid = DirectGrid(backend, num_hospitals, run)
         with _task_identity(run):
             server_app(grid=grid, context=context)
     finally:
         backend.terminate()
     if "result" not in holder:
-        raise FedsecError("the in-process engine ended before the ServerApp finished")
+        raise FedsecError("the engine ended before the ServerApp finished")
     return holder["result"]
