@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CASES = [
     ("quickstart", ["federation.rounds=3"]),
     ("heart_fedavg", ["federation.rounds=2"]),
-    ("heart_sweep", ["federation.rounds=2", "strategy=krum"]),
+    ("heart_sweep", ["federation.rounds=2", "strategy=median"]),
     ("integrity_heart", ["federation.rounds=2", "attacks=[{preset: ehr_trigger, hospitals: [3], rounds: [1, 2]}]"]),
     ("cxr_fedavg", ["federation.hospitals=2", "federation.rounds=2"]),
     ("integrity_cxr", ["federation.hospitals=4", "federation.rounds=2",
