@@ -188,3 +188,49 @@ def test_sweep_runs_small_cells_in_process_with_a_direct_runs_results(tmp_path):
         want = [json.loads(x) for x in (direct / "rounds.jsonl").read_text().splitlines()]
         assert [r["global"] for r in got] == [r["global"] for r in want]
         assert [r["per_hospital"] for r in got] == [r["per_hospital"] for r in want]
+
+
+class _SlowBackend:
+    """A backend of three workers (like Ray's actor pool): hospitals side by side."""
+
+    def __init__(self, slow_partition=None):
+        from fedsec.federation.inline import InlineBackend
+
+        self.inner = InlineBackend()
+        self.num_workers, self.active, self.peak = 3, 0, 0
+        self.slow_partition = slow_partition
+        import threading
+
+        self.lock = threading.Lock()
+
+    def build(self, app_fn):
+        self.inner.build(app_fn)
+
+    def terminate(self):
+        pass
+
+    def process_message(self, message, context):
+        import time
+
+        with self.lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+        try:
+            time.sleep(2.0 if context.node_config["partition-id"] == self.slow_partition else 0.2)
+            return self.inner.process_message(message, context)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+def test_a_backend_with_several_workers_runs_hospitals_side_by_side_and_drops_late_replies():
+    from fedsec.federation.inline import run_on_backend
+
+    backend = _SlowBackend()
+    replies = run_on_backend(backend, lambda g: _send(g, MessageType.TRAIN, {"boom": -1})[2], 3, client_app=toy)
+    assert sorted(int(r.content["metrics"]["partition"]) for r in replies) == [0, 1, 2]
+    assert backend.peak == 3
+    slow = _SlowBackend(slow_partition=1)
+    replies = run_on_backend(slow, lambda g: _send(g, MessageType.TRAIN, {"boom": -1}, timeout=1.0)[2], 3,
+                             client_app=toy)
+    assert sorted(int(r.content["metrics"]["partition"]) for r in replies) == [0, 2]  # 1 did not answer in time

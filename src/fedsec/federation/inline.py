@@ -29,6 +29,7 @@ import contextlib
 import logging
 import pickle
 import random
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -201,19 +202,30 @@ class DirectGrid(Grid):
                     break  # timed out before it started
                 self._replies[msg.metadata.message_id] = self._process(msg)
             return ids
-        from concurrent.futures import ThreadPoolExecutor, wait
+        # Daemon threads, one per backend worker: a Ctrl-C or a timeout leaves the ServerApp at
+        # once; a thread still waiting on a Ray actor must not keep the process alive.
+        lock = threading.Lock()
+        queue = iter(todo)
 
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedsec-grid")
-        try:
-            futures = {pool.submit(self._process, msg): msg.metadata.message_id for msg in todo}
-            done, _ = wait(futures, timeout=None if deadline is None else max(0.0, deadline - time.time()))
-            for fut in done:
-                self._replies[futures[fut]] = fut.result()
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+        def work() -> None:
+            while True:
+                with lock:
+                    msg = next(queue, None)
+                if msg is None or (deadline is not None and time.time() > deadline):
+                    return
+                reply = self._process(msg)
+                with lock:
+                    self._replies[msg.metadata.message_id] = reply
+
+        threads = [threading.Thread(target=work, name=f"fedsec-grid-{i}", daemon=True) for i in range(workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(None if deadline is None else max(0.0, deadline - time.time()))
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        # a reply that comes back after its timeout is dropped here, as Flower drops expired ones
         return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
