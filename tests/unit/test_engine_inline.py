@@ -234,3 +234,18 @@ def test_a_backend_with_several_workers_runs_hospitals_side_by_side_and_drops_la
     replies = run_on_backend(slow, lambda g: _send(g, MessageType.TRAIN, {"boom": -1}, timeout=1.0)[2], 3,
                              client_app=toy)
     assert sorted(int(r.content["metrics"]["partition"]) for r in replies) == [0, 2]  # 1 did not answer in time
+
+
+def test_inline_backend_has_flowers_backend_interface():
+    import inspect
+
+    from flwr.server.superlink.fleet.vce.backend import Backend
+
+    from fedsec.federation.inline import InlineBackend
+
+    for name in Backend.__abstractmethods__ | {"num_workers"}:
+        theirs, ours = getattr(Backend, name), getattr(InlineBackend, name)
+        if callable(theirs):
+            assert list(inspect.signature(ours).parameters) == list(inspect.signature(theirs).parameters), name
+        else:
+            assert isinstance(ours, property), name

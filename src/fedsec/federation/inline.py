@@ -6,8 +6,10 @@ every 0.1 s (twice per round). For two hospitals in CI that is most of the cost,
 module supplies two small pieces on Flower's public interfaces:
 
 - :class:`InlineBackend` implements Flower's simulation ``Backend`` interface
-  (``flwr.server.superlink.fleet.vce.backend.Backend``) by calling the ClientApp in this
-  process. Like a Ray actor, the ClientApp gets its own copy of each message (Ray pickles
+  (``flwr.server.superlink.fleet.vce.backend.Backend``: build, num_workers, is_worker_idle,
+  process_message, terminate) by calling the ClientApp in this process. It does not
+  subclass it: importing Flower's vce package loads its SQL link state (sqlalchemy,
+  alembic), about 1 s of a few-second CI run; a unit test checks the interface matches. Like a Ray actor, the ClientApp gets its own copy of each message (Ray pickles
   it; so do we), runs with ``torch.set_num_threads(engine.num_cpus)`` (1 by default), and a
   ClientApp that raises becomes an error reply with Flower's own ``ClientAppException`` text.
   The process's torch thread count and global RNG states (torch, NumPy, ``random``) are
@@ -27,12 +29,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import pickle
 import random
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 from uuid import uuid4
 
 import numpy as np
@@ -50,16 +54,23 @@ from flwr.common.constant import (
     ErrorCode,
 )
 from flwr.compat.client.run_info_store import DeprecatedRunInfoStore
-from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.constant import NOOP_FEDERATION_ID
-from flwr.supercore.corestate.utils import generate_rand_int_from_bytes
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedsec.errors import FedsecError
 
+if TYPE_CHECKING:  # Flower's vce package imports its SQL link state (sqlalchemy, alembic): ~1 s
+    from flwr.server.superlink.fleet.vce.backend import Backend
+
 log = logging.getLogger("flwr")
+
+
+def generate_rand_int_from_bytes(num_bytes: int) -> int:
+    # What flwr.supercore.corestate.utils does for run and node ids; importing that module
+    # loads Flower's SQL state (sqlalchemy, alembic): ~1.5 s here.
+    return int.from_bytes(os.urandom(num_bytes), "little", signed=False)
 
 
 def _copy(message: Message) -> Message:
@@ -88,15 +99,14 @@ def client_process_state(num_threads: int):
         random.setstate(py_rng)
 
 
-class InlineBackend(Backend):
+class InlineBackend:
     """Flower's simulation ``Backend`` interface, run in this process.
 
     ``backend_config``: ``{"client_resources": {"num_cpus": c}}`` as for Ray; the ClientApp
     runs with ``torch.set_num_threads(max(1, int(c)))``.
     """
 
-    def __init__(self, backend_config: BackendConfig | None = None) -> None:
-        super().__init__(backend_config or {})
+    def __init__(self, backend_config: dict[str, Any] | None = None) -> None:
         resources = (backend_config or {}).get("client_resources", {}) or {}
         self.num_threads = max(1, int(resources.get("num_cpus", 1)))
         self.app_fn: Callable[[], ClientApp] | None = None
@@ -147,7 +157,7 @@ class DirectGrid(Grid):
     no reply.
     """
 
-    def __init__(self, backend: Backend, num_nodes: int, run: Run | None = None) -> None:
+    def __init__(self, backend: "Backend | InlineBackend", num_nodes: int, run: Run | None = None) -> None:
         self.backend = backend
         self._run = run or _new_run()
         self.node_ids: list[int] = []
@@ -292,7 +302,7 @@ def run_inline(scenario, serve_fn, num_hospitals: int, verbose: bool = False, cl
     return run_on_backend(backend, serve_fn, num_hospitals, client_app)
 
 
-def run_on_backend(backend: Backend, serve_fn, num_hospitals: int, client_app: ClientApp | None = None):
+def run_on_backend(backend: "Backend | InlineBackend", serve_fn, num_hospitals: int, client_app: ClientApp | None = None):
     """``serve_fn(grid)`` as the ServerApp on a :class:`DirectGrid` over ``backend`` (built
     here with fedsec's ClientApp, terminated afterwards), one virtual node per hospital."""
     if client_app is None:
