@@ -183,14 +183,14 @@ def main() -> None:
             print(f"  {label}: {system}: {results[key][system]['wall_s']:.1f} s", file=sys.stderr, flush=True)
     floor = "plain PyTorch"
     print()
-    print(f"{'configuration':<32} {'system':<20} {'wall s':>8} {'per round ms':>13} {'fixed/round ms':>15} {'vs Flower':>10}")
+    print(f"{'configuration':<32} {'system':<26} {'wall s':>8} {'per round ms':>13} {'fixed/round ms':>15} {'vs Flower':>10}")
     for key, by_system in results.items():
         base = by_system.get(floor, {}).get("per_round_s")
         flower = by_system.get("plain Flower (Ray)", {}).get("wall_s")
         for system, r in by_system.items():
             fixed = "" if base is None or system == floor else f"{1000 * (r['per_round_s'] - base):.0f}"
             ratio = f"{r['wall_s'] / flower:.2f}x" if flower else ""
-            print(f"{CONFIGS[key][0]:<32} {system:<20} {r['wall_s']:>8.1f} {1000 * r['per_round_s']:>13.0f} "
+            print(f"{CONFIGS[key][0]:<32} {system:<26} {r['wall_s']:>8.1f} {1000 * r['per_round_s']:>13.0f} "
                   f"{fixed:>15} {ratio:>10}")
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(f"\n(wall: process start to exit; per round: mean of rounds 2..{args.rounds}; fixed/round: per round "
