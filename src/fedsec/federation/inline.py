@@ -321,6 +321,12 @@ def run_on_backend(backend: "Backend | InlineBackend", serve_fn, num_hospitals: 
         grid = DirectGrid(backend, num_hospitals, run)
         with _task_identity(run):
             server_app(grid=grid, context=context)
+    except KeyboardInterrupt:
+        # Hospitals' threads still waiting on Ray actors fail once Ray shuts down; Flower's
+        # backend logs each as an ERROR. The user stopped the run: say nothing more
+        # (engine.quiet() sets the level again for the next run).
+        log.setLevel(logging.CRITICAL)
+        raise
     finally:
         backend.terminate()
     if "result" not in holder:
