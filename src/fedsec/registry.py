@@ -40,7 +40,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
-from fedsec.errors import FedsecError, ScenarioError
+from fedsec.errors import ScenarioError
 
 # --------------------------------------------------------------------------------------
 # "did you mean" and look-up: the one copy

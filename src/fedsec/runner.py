@@ -251,8 +251,8 @@ def signal_name(signum: int) -> str:
 def _engine_run(scenario, hospitals, task, run_dir, on_round, verbose, initial_state, offset, server_state=None):
     from fedsec.federation.server_app import serve
 
-    if scenario.engine.name == "ray":
-        from fedsec.federation.engine import run_ray
+    if scenario.engine.name in ("ray", "inline"):
+        from fedsec.federation.engine import run_engine
 
         if initial_state is None:
             initial_state = task.make_model(seed=scenario.seed).state_dict()
@@ -260,7 +260,7 @@ def _engine_run(scenario, hospitals, task, run_dir, on_round, verbose, initial_s
         def serve_fn(grid):
             return serve(grid, scenario, hospitals, run_dir, on_round, task, initial_state, offset, server_state)
 
-        return run_ray(scenario, serve_fn, len(hospitals), verbose)
+        return run_engine(scenario, serve_fn, len(hospitals), verbose)
     raise FedsecError(f"engine.name={scenario.engine.name}: use `fedsec deploy` to run on real Flower nodes")
 
 

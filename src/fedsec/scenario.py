@@ -786,8 +786,8 @@ def validate(s: Scenario, file: str = "<scenario>") -> None:
     elif known and part == "natural" and fed.hospitals is not None and fed.hospitals != len(known):
         err("federation.hospitals", f"is {fed.hospitals}, but {s.task.name}'s natural split has "
                                     f"{len(known)} hospitals ({', '.join(known)}); leave it out or pick sites")
-    if s.engine.name not in ("ray", "deployment"):
-        err("engine.name", f"must be 'ray' or 'deployment', got '{s.engine.name}'")
+    if s.engine.name not in ("ray", "inline", "deployment"):
+        err("engine.name", f"must be 'ray', 'inline' or 'deployment', got '{s.engine.name}'")
 
     n = expected_hospitals(s)
     if n is not None and fed.min_hospitals is not None and not 1 <= fed.min_hospitals <= n:

@@ -15,13 +15,19 @@ How it runs:
 
 - Every cell's scenario is loaded and validated first; an invalid key or value stops the
   sweep before anything starts (exit 2), naming the cell and the key.
-- Ray starts once per worker slot, not once per cell: each slot is one Ray head (``ray.init``
-  in a holder process, loopback, private temp dir) and one worker process that imports
-  torch/Flower once and runs its cells one after the other with ``engine.address`` set to
-  its head. Slots run side by side; Flower sizes its actor pool from the whole cluster, so
-  two runs sharing one head would queue behind each other — hence one head per slot.
+- Small cells run in-process (``engine.name=inline``, the same apps and bit-identical
+  results, no Ray): ``--engine auto`` (default) picks it for cells of at most
+  ``INLINE_MAX_HOSPITALS`` hospitals on CPU that name no Ray cluster; ``--engine ray`` /
+  ``--engine inline`` force one. Each worker process imports torch/Flower once and runs its
+  cells one after the other, so a small cell costs its training, not a process start.
+- Cells on Ray share Ray starts: Ray starts once per worker slot, not once per cell: each
+  slot is one Ray head (``ray.init`` in a holder process, loopback, private temp dir) and
+  the slot's worker runs its cells with ``engine.address`` set to its head. Slots run side by
+  side; Flower sizes its actor pool from the whole cluster, so two runs sharing one head
+  would queue behind each other — hence one head per slot. No head starts when every
+  pending cell runs in-process.
   Default ``--parallel``: as many slots as the CPUs hold cells (hospitals x engine.num_cpus
-  per cell), at least 1.
+  per Ray cell, engine.num_cpus per in-process cell), at least 1.
 - Resumable: re-running the same command skips cells whose summary.json says
   ``completed`` (and whose resolved scenario is unchanged). Failed, interrupted,
   SIGKILLed (summary still ``running``) and missing cells are run again **from scratch**:
@@ -142,6 +148,7 @@ class Cell:
     error: str | None = None
     wall_s: float | None = None
     digest: str | None = None
+    engine: str = "ray"  # where it runs: ray | inline (see cell_engine)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -154,7 +161,7 @@ class Cell:
     def to_json(self) -> dict:
         return {"id": self.id, "values": self.values, "seed": self.seed, "overrides": self.overrides,
                 "status": self.status, "error": self.error, "wall_s": self.wall_s,
-                "path": f"cells/{self.id}", "digest": self.digest}
+                "path": f"cells/{self.id}", "digest": self.digest, "engine": self.engine}
 
 
 def cell_id(values: dict[str, str], seed: int | None, overrides: list[str]) -> str:
@@ -188,17 +195,42 @@ def expand(grid: dict[str, list[str]], seeds: list[int] | None, base_overrides: 
 
 
 def scenario_digest(scenario_dict: dict) -> str:
-    """Digest of a resolved scenario, ignoring where it ran (engine.address) and output.dir."""
+    """Digest of a resolved scenario, ignoring where it ran (engine.address, and engine.name
+    between ray and inline: same results) and output.dir."""
     import yaml
 
     d = json.loads(json.dumps(scenario_dict))
     d.get("engine", {}).pop("address", None)
+    if d.get("engine", {}).get("name") in ("ray", "inline"):
+        d["engine"].pop("name")
     d.get("output", {}).pop("dir", None)
     return hashlib.sha256(yaml.safe_dump(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def validate_cells(scenario_path, cells: list[Cell]) -> list:
-    """Load every cell's scenario (raises before anything runs). Returns the Scenarios."""
+INLINE_MAX_HOSPITALS = 10
+ENGINES = ("auto", "ray", "inline")
+
+
+def cell_engine(scenario, choice: str = "auto", address: str | None = None) -> str:
+    """Where a cell runs: ``inline`` (in the worker process) or ``ray``. ``auto``: the
+    scenario's own ``engine.name: inline``, else in-process for small cells (at most
+    INLINE_MAX_HOSPITALS hospitals, no GPU, no Ray cluster named by the scenario or --address)."""
+    if choice in ("ray", "inline"):
+        return choice
+    eng = scenario.engine
+    if eng.name == "inline":
+        return "inline"
+    if address or eng.address or eng.num_gpus > 0:
+        return "ray"
+    from fedsec.scenario import expected_hospitals
+
+    n = expected_hospitals(scenario)
+    return "inline" if n is not None and n <= INLINE_MAX_HOSPITALS else "ray"
+
+
+def validate_cells(scenario_path, cells: list[Cell], engine: str = "auto", address: str | None = None) -> list:
+    """Load every cell's scenario (raises before anything runs); sets each cell's engine.
+    Returns the Scenarios."""
     from fedsec.federation.engine import check_resources
     from fedsec.scenario import load_scenario
 
@@ -206,10 +238,12 @@ def validate_cells(scenario_path, cells: list[Cell]) -> list:
     for cell in cells:
         try:
             s = load_scenario(scenario_path, cell.overrides)
-            if s.engine.name != "ray":
-                raise ScenarioError("a sweep runs on Flower's simulation engine: engine.name must be 'ray'",
+            if s.engine.name not in ("ray", "inline"):
+                raise ScenarioError("a sweep runs on a simulation engine: engine.name must be 'ray' or 'inline'",
                                     key="engine.name")
-            check_resources(s)
+            cell.engine = cell_engine(s, engine, address)
+            if cell.engine == "ray":
+                check_resources(s)
         except FedsecError as err:
             # one line per distinct problem (a bad value repeats over seeds and other keys)
             problems.setdefault(str(err), cell.label)
@@ -222,17 +256,19 @@ def validate_cells(scenario_path, cells: list[Cell]) -> list:
     return loaded
 
 
-def cell_need(scenario) -> float:
-    """CPUs one cell occupies: its hospitals x engine.num_cpus."""
+def cell_need(scenario, engine: str = "ray") -> float:
+    """CPUs one cell occupies: its hospitals x engine.num_cpus on Ray; engine.num_cpus in-process
+    (one hospital at a time)."""
     from fedsec.scenario import expected_hospitals
 
-    n = expected_hospitals(scenario) or 1
+    n = 1 if engine == "inline" else (expected_hospitals(scenario) or 1)
     return n * float(scenario.engine.num_cpus)
 
 
-def default_parallel(scenarios: list, cpus: int | None = None) -> int:
+def default_parallel(scenarios: list, cpus: int | None = None, engines: list[str] | None = None) -> int:
     cpus = cpus or os.cpu_count() or 1
-    need = max((cell_need(s) for s in scenarios), default=1.0)
+    engines = engines or ["ray"] * len(scenarios)
+    need = max((cell_need(s, e) for s, e in zip(scenarios, engines)), default=1.0)
     return max(1, int(cpus // max(need, 1e-9)))
 
 
@@ -366,7 +402,7 @@ class _Redirect:
         return False
 
 
-def _cell_worker_main(conn, parent_pid: int, address: str, scenario_path: str) -> None:
+def _cell_worker_main(conn, parent_pid: int, address: str | None, scenario_path: str) -> None:
     """One worker slot: imports torch/Flower once, runs the cells it is sent, one at a time.
     Exits with os._exit: Flower / Ray threads left behind by an interrupted run must not keep
     the process alive (the cell's summary is already written by then)."""
@@ -380,7 +416,15 @@ def _cell_worker_main(conn, parent_pid: int, address: str, scenario_path: str) -
             os._exit(0)
 
 
-def _cell_worker_loop(conn, parent_pid: int, address: str, scenario_path: str) -> None:
+def _engine_overrides(engine: str, address: str | None) -> list[str]:
+    if engine == "inline":
+        return ["engine.name=inline"]
+    if not address:
+        raise FedsecError("a Ray cell was sent to a worker without a Ray head")
+    return ["engine.name=ray", f"engine.address={address}"]
+
+
+def _cell_worker_loop(conn, parent_pid: int, address: str | None, scenario_path: str) -> None:
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the sweep decides; it sends SIGTERM
     signal.signal(signal.SIGTERM, _interrupt)
@@ -404,8 +448,9 @@ def _cell_worker_loop(conn, parent_pid: int, address: str, scenario_path: str) -
                 print(f"fedsec sweep cell {msg['id']}: fedsec run {scenario_path} {' '.join(msg['overrides'])}",
                       flush=True)
                 try:
-                    fedsec.run(scenario_path, overrides=msg["overrides"] + [f"engine.address={address}"],
-                               out=path, progress=True, force=True)  # force: the folder holds log.txt
+                    fedsec.run(scenario_path, overrides=msg["overrides"] + _engine_overrides(
+                        msg.get("engine", "ray"), address), out=path, progress=True,
+                               force=True)  # force: the folder holds log.txt
                     result = {"status": FINISHED, "error": None}
                 except RunFailed as err:
                     result = {"status": err.summary.get("status", "failed"), "error": err.summary.get("error")}
@@ -440,9 +485,10 @@ class _Pool:
     """Ray heads + cell workers, one of each per slot. Stops them all on close()."""
 
     def __init__(self, slots: int, head_cpus: float, head_gpus: int, scenario_path: str,
-                 address: str | None, log, log_dir: Path):
+                 address: str | None, log, log_dir: Path, need_ray: bool = True):
         import multiprocessing as mp
 
+        self.need_ray = need_ray  # False: every cell runs in-process, no Ray head is started
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.ctx = mp.get_context("spawn")
@@ -453,13 +499,14 @@ class _Pool:
 
     def start(self) -> None:
         t0 = time.perf_counter()
+        own_heads = self.need_ray and not self.external
         for slot in self.slots:  # start every head first: they boot side by side
-            if self.external:
-                slot.address = self.external
-            else:
+            if own_heads:
                 self._start_head(slot)
+            else:
+                slot.address = self.external
         for slot in self.slots:
-            if not self.external:
+            if own_heads:
                 self._await_head(slot)
             self._start_worker(slot)
         self.startup_s = time.perf_counter() - t0
@@ -499,7 +546,7 @@ class _Pool:
     def restart_worker(self, slot: _Slot) -> None:
         """After a worker died (killed, out of memory): a fresh one, on a fresh head if needed."""
         self._stop_process(slot.worker, slot.conn, None)
-        if not self.external and (slot.head is None or not slot.head.is_alive()):
+        if self.need_ray and not self.external and (slot.head is None or not slot.head.is_alive()):
             self._stop_head(slot)
             self._start_head(slot)
             self._await_head(slot)
@@ -639,12 +686,14 @@ def check_sweep_out(out: Path, force: bool = False) -> None:
 
 def run_sweep(scenario, grid=None, seeds=None, out=None, overrides=None, parallel: int | None = None,
               address: str | None = None, rows: str | None = None, cols: str | None = None,
-              metric: str = "auroc", stream=sys.stderr, dry_run: bool = False, force: bool = False) -> dict:
+              metric: str = "auroc", stream=sys.stderr, dry_run: bool = False, force: bool = False,
+              engine: str = "auto") -> dict:
     """Run (or resume) a sweep; returns sweep.json's dict (plus ``"tables"``: the written files).
 
     scenario: a scenario file. grid: ``{"attacks": ["none", "alie"], ...}`` or
     ``["attacks=none,alie", ...]``. seeds: list of ints, ``"0,1,2"``, or None (the
     scenario's seed). overrides: ``key=value`` applied to every cell before the grid's.
+    engine: auto | ray | inline, where cells run (see cell_engine).
     Raises ScenarioError (nothing runs) for an invalid cell.
     """
     from fedsec.federation.engine import quiet
@@ -657,7 +706,9 @@ def run_sweep(scenario, grid=None, seeds=None, out=None, overrides=None, paralle
     seeds = parse_seeds(seeds)
     base = list(overrides or [])
     cells = expand(grid, seeds, base)
-    scenarios = validate_cells(scenario, cells)
+    if engine not in ENGINES:
+        raise ScenarioError(f"--engine must be one of {', '.join(ENGINES)}, got '{engine}'", file="command line")
+    scenarios = validate_cells(scenario, cells, engine, address)
     for key in (rows, cols):
         if key is not None and key not in grid and key != "seed":
             raise ScenarioError(f"--rows/--cols '{key}' is not a grid key; grid keys: {', '.join(grid) or '(none)'}",
@@ -666,8 +717,8 @@ def run_sweep(scenario, grid=None, seeds=None, out=None, overrides=None, paralle
     check_sweep_out(out, force)
     if parallel is not None and parallel < 1:
         raise ScenarioError(f"--parallel must be >= 1, got {parallel}", file="command line")
-    parallel = parallel or default_parallel(scenarios)
-    if address:
+    parallel = parallel or default_parallel(scenarios, engines=[c.engine for c in cells])
+    if address and any(c.engine == "ray" for c in cells):
         parallel = 1  # a shared cluster: Flower's actor pool takes the whole cluster per run
     table_options = {"rows": rows, "cols": cols, "metric": metric}
     state = SweepRun(scenario, cells, grid, seeds, out, base, parallel, stream, table_options)
@@ -700,13 +751,19 @@ def run_sweep(scenario, grid=None, seeds=None, out=None, overrides=None, paralle
             import torch
 
             head_gpus = torch.cuda.device_count()
-        pool = _Pool(parallel, head_cpus, head_gpus, str(scenario), address, state.log, out / "logs")
+        need_ray = any(c.engine == "ray" for c in pending)
+        inline = sum(c.engine == "inline" for c in pending)
+        if inline:
+            state.log(f"{inline} cell(s) in-process (engine inline), {len(pending) - inline} on Ray")
+        pool = _Pool(parallel, head_cpus, head_gpus, str(scenario), address, state.log, out / "logs", need_ray)
         try:
-            state.log(f"starting {parallel} Ray head(s) ({head_cpus:g} CPUs each)" if not address
-                      else f"joining the Ray cluster at {address}")
+            if need_ray:
+                state.log(f"starting {parallel} Ray head(s) ({head_cpus:g} CPUs each)" if not address
+                          else f"joining the Ray cluster at {address}")
             pool.start()
-            state.ray_startup_s = pool.startup_s
-            state.log(f"Ray ready in {pool.startup_s:.1f} s")
+            if need_ray:
+                state.ray_startup_s = pool.startup_s
+                state.log(f"Ray ready in {pool.startup_s:.1f} s")
             _drive(state, pool, pending)
         except KeyboardInterrupt:
             status = "interrupted"
@@ -753,7 +810,7 @@ def _drive(state: SweepRun, pool: _Pool, pending: deque) -> None:
                 cell = pending.popleft()
                 slot.cell, slot.started = cell, time.perf_counter()
                 cell.status, cell.error = "running", None
-                slot.conn.send({"id": cell.id, "overrides": cell.overrides,
+                slot.conn.send({"id": cell.id, "overrides": cell.overrides, "engine": cell.engine,
                                 "path": str(state.out / "cells" / cell.id)})
                 state.write("running")
                 state.log(progress_line(f"running {cell.label}"))
@@ -813,6 +870,8 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, metavar="N",
                    help="cells side by side (default: as many as the CPUs hold, at least 1)")
     p.add_argument("--address", metavar="RAY_ADDRESS", help="use this Ray cluster instead of starting one")
+    p.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="where cells run: auto (default: small cells in-process, the rest on Ray), ray, inline")
     p.add_argument("--rows", metavar="KEY", help="grid key of the table's rows (default: attacks)")
     p.add_argument("--cols", metavar="KEY", help="grid key of the table's columns (default: strategy)")
     p.add_argument("--metric", default="auroc", choices=METRIC_KEYS, help="utility metric of the tables")
@@ -848,7 +907,7 @@ def _cmd_sweep(args) -> int:
         raise FedsecError(f"give exactly one scenario file, got {len(paths)}: {' '.join(paths) or '(none)'}")
     result = run_sweep(paths[0], grid=args.grid, seeds=args.seeds, out=args.out, overrides=overrides,
                        parallel=args.parallel, address=args.address, rows=args.rows, cols=args.cols,
-                       metric=args.metric, dry_run=args.dry_run, force=args.force)
+                       metric=args.metric, dry_run=args.dry_run, force=args.force, engine=args.engine)
     if args.dry_run:
         return 0
     print(Path(result["tables"]["summary_md"]).read_text())

@@ -18,7 +18,7 @@ Every backdoor also has ``boost`` (model-replacement scaling of its update in
 from __future__ import annotations
 
 from dataclasses import dataclass as _dataclass
-from typing import Any, List, Literal, Optional, Union
+from typing import List, Literal, Optional, Union
 
 from fedsec.registry import ATTACKS, option
 

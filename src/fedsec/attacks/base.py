@@ -8,7 +8,6 @@ framework handles, so hooks are only called for malicious hospitals in active ro
 from __future__ import annotations
 
 import copy
-import difflib
 from dataclasses import dataclass, field
 from typing import ClassVar
 

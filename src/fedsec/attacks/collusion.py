@@ -18,7 +18,7 @@ parameters costs no float64 copy of the update matrix.
 from __future__ import annotations
 
 from dataclasses import dataclass as _dataclass
-from typing import Any, List, Literal, Optional, Union
+from typing import Optional
 
 from fedsec.registry import ATTACKS, option
 

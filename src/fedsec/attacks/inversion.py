@@ -34,7 +34,7 @@ matching); no attack reads it before its reconstruction is final.
 from __future__ import annotations
 
 from dataclasses import dataclass as _dataclass
-from typing import Any, List, Literal, Optional, Union
+from typing import List, Literal, Optional, Union
 
 from fedsec.registry import ATTACKS, option
 

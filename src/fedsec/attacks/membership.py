@@ -26,7 +26,7 @@ the same population) — that half is then left out of the evaluation.
 from __future__ import annotations
 
 from dataclasses import dataclass as _dataclass
-from typing import Any, List, Literal, Optional, Union
+from typing import List, Literal, Optional, Union
 
 from fedsec.registry import ATTACKS, option
 

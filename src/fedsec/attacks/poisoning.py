@@ -9,7 +9,7 @@ vectors; an *update* is ``local - global``.
 from __future__ import annotations
 
 from dataclasses import dataclass as _dataclass
-from typing import Any, List, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
 from fedsec.registry import ATTACKS, option
 

@@ -20,7 +20,6 @@ first positive label column, or ``K`` for a sample with no positive label (Chest
 
 from __future__ import annotations
 
-import difflib
 import inspect
 
 import numpy as np

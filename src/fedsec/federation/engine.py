@@ -1,4 +1,5 @@
-"""Engines: Flower's simulation engine on Ray (default) and, in deployment.py, real nodes.
+"""Engines: Flower's simulation engine on Ray (default), the in-process engine (inline.py) and,
+in deployment.py, real nodes.
 
 Ray stays on loopback with its temp dir in a private temp folder (it otherwise binds the
 machine's address and writes to /tmp/ray); ``engine.address`` joins an existing cluster
@@ -366,8 +367,53 @@ def _quiet_flower_console(verbose: bool):
     return raised()
 
 
+def _ray_backend_config(scenario, verbose: bool, temp_dir: str | None) -> dict:
+    return {
+        "client_resources": {"num_cpus": float(scenario.engine.num_cpus),
+                             "num_gpus": float(scenario.engine.num_gpus)},
+        "init_args": ray_init_args(scenario, verbose, temp_dir),
+        "actor": {"tensorflow": 0},
+    }
+
+
 def run_ray(scenario, serve_fn, num_hospitals: int, verbose: bool = False):
-    """Run ``serve_fn(grid)`` as the ServerApp with one virtual SuperNode per hospital.
+    """Run ``serve_fn(grid)`` as the ServerApp with one virtual SuperNode per hospital, the
+    ClientApps in Flower's Ray actor pool (Flower's own ``RayBackend``).
+
+    The messages go straight from the ServerApp's grid to the backend (inline.DirectGrid)
+    instead of through Flower's simulation runtime, whose message pump polls every 0.1 s
+    (hard-coded in flwr/server/superlink/fleet/vce/vce_api.py): that polling was most of a
+    small task's per-round cost. Same ServerApp, ClientApp, actors and messages.
+    ``FEDSEC_RAY_RUNTIME=flower`` runs Flower's ``run_simulation`` instead (run_ray_simulation).
+
+    Returns what ``serve_fn`` returned. Exceptions raised in the ServerApp propagate.
+    """
+    if os.environ.get("FEDSEC_RAY_RUNTIME") == "flower":
+        return run_ray_simulation(scenario, serve_fn, num_hospitals, verbose)
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+
+    from fedsec.federation.inline import run_on_backend
+
+    check_resources(scenario)
+    quiet(verbose)
+    temp_dir = None if scenario.engine.address else make_ray_temp_dir()
+    try:
+        try:
+            backend = RayBackend(_ray_backend_config(scenario, verbose, temp_dir))  # ray.init
+        except BaseException:
+            import ray
+
+            ray.shutdown()
+            raise
+        return run_on_backend(backend, serve_fn, num_hospitals)  # terminate(): actors, ray.shutdown
+    finally:
+        if temp_dir:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def run_ray_simulation(scenario, serve_fn, num_hospitals: int, verbose: bool = False):
+    """Flower's ``run_simulation``: ``serve_fn(grid)`` as the ServerApp with one virtual
+    SuperNode per hospital (the Ray engine before fedsec drove Flower's RayBackend directly).
 
     Returns what ``serve_fn`` returned. Exceptions raised in the ServerApp propagate.
     """
@@ -406,3 +452,24 @@ def run_ray(scenario, serve_fn, num_hospitals: int, verbose: bool = False):
     if "result" not in holder:
         raise FedsecError("the simulation ended before the ServerApp finished (see -v for Flower's log)")
     return holder["result"]
+
+
+def run_engine(scenario, serve_fn, num_hospitals: int, verbose: bool = False):
+    """Run ``serve_fn(grid)`` on the scenario's simulation engine: ``ray`` (Flower's simulation
+    engine, the default) or ``inline`` (the same apps in this process, fedsec/federation/inline.py).
+
+    A SIGINT / SIGTERM during the run (``stop_on_signals``) makes the grid's next call raise, so
+    the ServerApp stops between messages; it surfaces here as :class:`Interrupted`."""
+
+    def stoppable(grid):
+        _guard_grid(grid)
+        return serve_fn(grid)
+
+    try:
+        if scenario.engine.name == "inline":
+            from fedsec.federation.inline import run_inline
+
+            return run_inline(scenario, stoppable, num_hospitals, verbose)
+        return run_ray(scenario, stoppable, num_hospitals, verbose)
+    except StopRequested:
+        raise Interrupted(stop_requested() or signal.SIGINT) from None
