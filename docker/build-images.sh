@@ -89,11 +89,12 @@ fi
 # ---------------------------------------------------------------- 3. fedsec image
 ctx="$(mktemp -d /var/tmp/fedsec-ctx.XXXXXX)"
 trap 'rm -rf "$ctx"' EXIT
-mkdir -p "$ctx/wheels"
+mkdir -p "$ctx/wheels" "$ctx/app"
 cp -l "$wheels"/*.whl "$ctx/wheels/" 2>/dev/null || cp "$wheels"/*.whl "$ctx/wheels/"
-cp "$root/constraints.txt" "$ctx/wheels/constraints.txt"
-"$PY" -m pip wheel -q --no-deps --no-build-isolation "$root/" -w "$ctx/wheels" >&2 2>/dev/null \
-  || "$PY" -m pip wheel -q --no-deps "$root/" -w "$ctx/wheels" >&2
+cp "$root/constraints.txt" "$wheels/requirements.txt" "$ctx/wheels/"
+touch -d @0 "$ctx"/wheels/*  # same content, same build cache key for the stack's layer
+"$PY" -m pip wheel -q --no-deps --no-build-isolation "$root/" -w "$ctx/app" >&2 2>/dev/null \
+  || "$PY" -m pip wheel -q --no-deps "$root/" -w "$ctx/app" >&2
 cp -r "$root/scenarios" "$root/attacks" "$root/strategies" "$ctx/"
 cp "$root/docker/Dockerfile" "$ctx/Dockerfile"
 find "$ctx" -name __pycache__ -prune -exec rm -rf {} +

@@ -107,6 +107,8 @@ class _Container:
     label: str  # what errors call it: "the SuperLink", "hospital cleveland (partition-id=0)"
     role: str
     node: NodeSpec | None = None
+    started_at: str | None = None  # docker's State.StartedAt when first seen
+    restarted: bool = False
 
 
 class DockerDeployment:
@@ -121,13 +123,18 @@ class DockerDeployment:
     def __init__(self, image: str, nodes: Sequence[NodeSpec], *, log_dir: str | os.PathLike,
                  app_dir: str | os.PathLike | None = None, unregistered: Iterable[int] = (),
                  wrong_ca: Iterable[int] = (), data_dirs: Mapping[int, str] | None = None,
-                 join_timeout: float = 180.0, echo: Callable[[str], None] | None = None):
+                 join_timeout: float = 180.0, echo: Callable[[str], None] | None = None,
+                 min_hospitals: int | None = None):
         self.docker = docker_bin()
         self.image, self.nodes = image, list(nodes)
         self.app_dir = Path(app_dir or ROOT).resolve()
         self.unregistered, self.wrong_ca = set(unregistered), set(wrong_ca)
         self.data_dirs = dict(data_dirs or {})
         self.join_timeout = join_timeout
+        # federation.min_hospitals: a hospital may leave mid-run while this many remain (the
+        # ServerApp then counts its missing replies against the same limit).
+        self.min_hospitals = min_hospitals
+        self.lost: dict[int, str] = {}  # partition-id -> why, hospitals that left a run that went on
         self.echo = echo or (lambda s: None)
         self.id = uuid.uuid4().hex[:10]
         self.prefix = f"fedsec-{self.id}"
@@ -160,10 +167,15 @@ class DockerDeployment:
         return _ANSI.sub("", res.stdout + res.stderr)
 
     def _state(self, c: _Container) -> tuple[bool, int]:
-        res = self._docker("inspect", "--format", "{{.State.Running}} {{.State.ExitCode}}", c.name, check=False)
+        res = self._docker("inspect", "--format", "{{.State.Running}} {{.State.ExitCode}} {{.State.StartedAt}}",
+                           c.name, check=False)
         if res.returncode != 0:
             return False, -1
-        running, code = res.stdout.split()
+        running, code, started = res.stdout.split()
+        if c.started_at is None:
+            c.started_at = started
+        elif started != c.started_at:
+            c.restarted = True
         return running == "true", int(code)
 
     def _save_log(self, c: _Container) -> Path:
@@ -335,9 +347,15 @@ class DockerDeployment:
     def check_alive(self, phase: str) -> None:
         """Raise FedsecError naming the first container that has exited."""
         for c in [self.superlink, *self.hospitals.values()]:
-            if c is None:
+            if c is None or (c.node is not None and c.node.partition_id in self.lost):
                 continue
             running, code = self._state(c)
+            if c.restarted and c.role == "superlink":
+                raise FedsecError(
+                    f"the SuperLink container {c.name} restarted {phase}: its state (the registered node keys "
+                    f"and this run) is kept in memory and was lost, so the run cannot continue; the rounds "
+                    f"finished before the restart are kept in the results folder; register the hospitals' "
+                    f"keys again and start a new run (or --resume it); see {self._save_log(c)}")
             if running:
                 continue
             log = self._save_log(c)
@@ -354,6 +372,13 @@ class DockerDeployment:
                            "at the SuperLink (`flwr supernode register <hospital>.pub <connection>`)")
                 raise FedsecError(f"{c.label} was refused by the SuperLink {phase}: {why}; see {log}\n"
                                   f"{_tail(log, 6)}")
+            alive = len(self.hospitals) - len(self.lost) - 1
+            if (c.role == "hospital" and phase == "during the run" and self.min_hospitals is not None
+                    and alive >= self.min_hospitals):
+                self.lost[c.node.partition_id] = f"container exited with code {code}"
+                self.echo(f"{c.label} left the run (container {c.name} exited with code {code}); going on with "
+                          f"{alive} hospitals (federation.min_hospitals={self.min_hospitals}); see {log}")
+                continue
             what = {"hospital": " (the hospital left the federation)",
                     "superlink": " (the SuperLink is gone; finished rounds are in the results folder)"}[c.role]
             extra = f", Flower exit code {fcode}" if fcode is not None else ""
@@ -509,7 +534,8 @@ def deploy_docker(scenario_path: str | os.PathLike, overrides: Sequence[str] | s
         raise _Terminated()
 
     old = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
-    dep = DockerDeployment(image, nodes, log_dir=run_dir / "deployment", data_dirs=data_dirs, echo=echo)
+    dep = DockerDeployment(image, nodes, log_dir=run_dir / "deployment", data_dirs=data_dirs, echo=echo,
+                           min_hospitals=scenario.federation.min_hospitals)
     error: BaseException | None = None
     copied = False
     try:
@@ -533,9 +559,15 @@ def deploy_docker(scenario_path: str | os.PathLike, overrides: Sequence[str] | s
         if old is not None:
             signal.signal(signal.SIGTERM, old)
     if error is not None:
-        raise error
+        from fedsec.runner import RunFailed
+
+        done = run_dir / "summary.json"
+        partial = json.loads(done.read_text()) if copied and done.exists() else {}
+        raise RunFailed(f"the run in containers failed: {error}" + (
+            f"\nresults so far (finished rounds) copied to {run_dir}" if copied else ""), partial) from error
     info.update({k: round(v, 2) for k, v in dep.timings.items()}, **timings)
     info["containers"] = dep.containers_started
+    info["hospitals_lost"] = {names[k]: v for k, v in dep.lost.items()}
     info["leftover"] = dep.leftovers()
     info["total_s"] = round(time.perf_counter() - t0, 2)
     if not copied or not (run_dir / "summary.json").exists():
