@@ -124,7 +124,7 @@ class DockerDeployment:
                  app_dir: str | os.PathLike | None = None, unregistered: Iterable[int] = (),
                  wrong_ca: Iterable[int] = (), data_dirs: Mapping[int, str] | None = None,
                  join_timeout: float = 180.0, echo: Callable[[str], None] | None = None,
-                 min_hospitals: int | None = None):
+                 min_hospitals: int | None = None, pin_fab: bool | str = True):
         self.docker = docker_bin()
         self.image, self.nodes = image, list(nodes)
         self.app_dir = Path(app_dir or ROOT).resolve()
@@ -134,6 +134,10 @@ class DockerDeployment:
         # federation.min_hospitals: a hospital may leave mid-run while this many remain (the
         # ServerApp then counts its missing replies against the same limit).
         self.min_hospitals = min_hospitals
+        # Each hospital runs only the app it pinned: by default the FAB hash of app_dir (what
+        # `flwr run` sends); a string pins that hash instead (a test of the refusal).
+        self.pin_fab = pin_fab
+        self.fab_hash: str | None = None
         self.lost: dict[int, str] = {}  # partition-id -> why, hospitals that left a run that went on
         self.echo = echo or (lambda s: None)
         self.id = uuid.uuid4().hex[:10]
@@ -231,6 +235,10 @@ class DockerDeployment:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.flwr_home.mkdir(parents=True)
         self._docker("image", "inspect", self.image)
+        if self.pin_fab:
+            from fedsec.federation.deployment import fab_hash
+
+            self.fab_hash = self.pin_fab if isinstance(self.pin_fab, str) else fab_hash(self.app_dir)
         certs = self.certs = make_certificates(self.workdir / "certs", nodes=[n.name for n in self.nodes],
                                                hostnames=("superlink",))
         other_ca = make_certificates(self.workdir / "other-ca") if self.wrong_ca else None
@@ -314,12 +322,13 @@ class DockerDeployment:
             '--auth-supernode-private-key /certs/node.key --isolation process --host 127.0.0.1 --port 9094 '
             '--node-config "$NODE_CONFIG" & sn=$!; '
             'python -m fedsec.federation.deployment clientapp-worker --runtime-api-address 127.0.0.1:9094 '
-            '--insecure --parent-pid $sn --preload fedsec.federation.client_app & '
+            '--insecure --parent-pid $sn --preload fedsec.federation.client_app ${FEDSEC_PIN_FAB:+--pin-fab $FEDSEC_PIN_FAB} & '
             'trap "kill -TERM $sn 2>/dev/null" TERM INT; wait -n; rc=$?; wait $sn; rc2=$?; '
             '[ $rc2 -ne 0 ] && exit $rc2; exit $rc')
         self._docker("run", "-d", "--name", c.name, "--label", f"{LABEL}={self.id}", "--network", self.network,
                      "--security-opt", "no-new-privileges", "--cap-drop", "ALL",
                      "-e", f"NODE_CONFIG={node_config}", "-e", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.25",
+                     "-e", f"FEDSEC_PIN_FAB={self.fab_hash or ''}",
                      *sum((["-v", m] for m in mounts), []), self.image, "bash", "-c", script)
         self.containers_started.append(c.name)
         self.hospitals[node.partition_id] = c
@@ -567,6 +576,7 @@ def deploy_docker(scenario_path: str | os.PathLike, overrides: Sequence[str] | s
             f"\nresults so far (finished rounds) copied to {run_dir}" if copied else ""), partial) from error
     info.update({k: round(v, 2) for k, v in dep.timings.items()}, **timings)
     info["containers"] = dep.containers_started
+    info["fab_hash"] = dep.fab_hash
     info["hospitals_lost"] = {names[k]: v for k, v in dep.lost.items()}
     info["leftover"] = dep.leftovers()
     info["total_s"] = round(time.perf_counter() - t0, 2)
@@ -583,3 +593,67 @@ def _main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
+
+
+# --------------------------------------------------------------------------- hospital-side tools
+
+
+def check_data(scenario_path: str | os.PathLike, data_dir: str | os.PathLike, hospital: str | None = None) -> str:
+    """Load the scenario's task from ``data_dir`` as this hospital's ClientApp will (node
+    config ``data-path``); return a short description, or raise FedsecError naming the bad
+    file or key. Runs on the hospital's own machine; contacts nothing."""
+    from fedsec.scenario import load_scenario
+    from fedsec.tasks import build_task
+
+    scenario = load_scenario(str(scenario_path))
+    scenario.task.path = str(data_dir)
+    task = build_task(scenario)
+    names = list(task.data.hospitals)
+    if hospital is not None and hospital not in names and len(names) > 1:
+        raise FedsecError(f"hospital '{hospital}' is not in the scenario's hospitals {names}")
+    idx = names.index(hospital) if hospital in names else 0
+    return (f"{scenario.task.name} data in {data_dir}: OK for hospital {names[idx]} "
+            f"({len(task.data.train[idx])} training and {len(task.data.test[idx])} test records); "
+            f"the scenario's hospitals are {', '.join(names)}")
+
+
+def cleanup(deployment_id: str | None = None) -> list[str]:
+    """Remove containers and networks left by a deploy that was killed (SIGKILL): those with
+    the label ``org.fedsec.deployment`` (of one deployment id, or all)."""
+    exe = docker_bin()
+    label = LABEL + (f"={deployment_id}" if deployment_id else "")
+    ids = subprocess.run([exe, "ps", "-aq", "--filter", f"label={label}"], capture_output=True, text=True).stdout.split()
+    if ids:
+        subprocess.run([exe, "rm", "-f", *ids], capture_output=True)
+    nets = subprocess.run([exe, "network", "ls", "-q", "--filter", f"label={label}"], capture_output=True,
+                          text=True).stdout.split()
+    if nets:
+        subprocess.run([exe, "network", "rm", *nets], capture_output=True)
+    return ids + nets
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m fedsec.federation.docker_deploy")
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("check-data", help="check a hospital's data folder against a scenario (hospital side)")
+    c.add_argument("scenario")
+    c.add_argument("--data", required=True, help="the hospital's data folder or file (node config data-path)")
+    c.add_argument("--hospital", default=None, help="this hospital's name in the scenario")
+    k = sub.add_parser("cleanup", help="remove containers / networks left by a killed `fedsec deploy --docker`")
+    k.add_argument("--id", default=None, help="one deployment's id (default: all fedsec deployments)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "check-data":
+            print(check_data(args.scenario, args.data, args.hospital))
+        else:
+            print(f"removed {len(cleanup(args.id))} container(s)/network(s)")
+    except FedsecError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
