@@ -240,3 +240,17 @@ def test_superlink_restart_mid_run_ends_clearly_and_keeps_finished_rounds(image,
     _no_leftovers(ids["id"])
     _record("superlink_restart", outcome=msg.splitlines()[0], rounds_kept=kept,
             wall_s=round(time.perf_counter() - t0, 1))
+
+
+def test_hospital_refuses_an_app_other_than_the_pinned_one(image, tmp_path):
+    out = tmp_path / "run"
+    pinned = "0" * 64
+    t0 = time.perf_counter()
+    with pytest.raises(RunFailed) as err:
+        docker_deploy.deploy_docker(QUICKSTART, ["federation.rounds=2"], out=out, image=image, verbose=False,
+                                    pin_fab=pinned, run_timeout=900)
+    msg = str(err.value)
+    assert "cleveland" in msg and "hungary" in msg  # the failure names the hospitals
+    assert f"runs only the app with FAB hash {pinned}" in msg
+    assert _rounds(out) == []
+    _record("fab_not_pinned", outcome=msg.splitlines()[0][:300], wall_s=round(time.perf_counter() - t0, 1))

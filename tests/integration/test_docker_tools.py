@@ -52,3 +52,14 @@ def test_fab_hash_is_reproducible_and_follows_the_app(tmp_path):
     assert len(first) == 64 and fab_hash(app) == first
     (app / "pkg" / "c.py").write_text("x = 2\n")
     assert fab_hash(app) != first
+
+
+def test_errors_that_reach_the_operator_name_the_hospital_not_a_bare_node_id(tmp_path):
+    from fedsec.federation.deployment import NodeSpec
+    from fedsec.federation.docker_deploy import DockerDeployment
+
+    dep = DockerDeployment.__new__(DockerDeployment)  # no engine needed: only the id -> name map
+    dep.nodes, dep.node_ids = [NodeSpec(0, "cleveland"), NodeSpec(1, "hungary")], {0: "123", 1: "4567"}
+    text = dep.name_nodes("hospital nodes failed to start:\n  node 123: x\n  node 4567: y; node 1234 unknown")
+    assert text == ("hospital nodes failed to start:\n  hospital cleveland (node 123): x\n"
+                    "  hospital hungary (node 4567): y; node 1234 unknown")

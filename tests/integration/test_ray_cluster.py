@@ -69,7 +69,7 @@ def _cluster_pids(temp_dir: str) -> list[int]:
 def two_node_cluster():
     temp_dir = tempfile.mkdtemp(prefix="fsray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0")
-    gcs, *p = _free_ports(13)
+    gcs, *p = _free_ports(14)
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0", "--disable-usage-stats"]
     head = [RAY, "start", "--head", f"--port={gcs}", f"--temp-dir={temp_dir}", "--include-dashboard=false",
             f"--ray-client-server-port={p[0]}", '--resources={"fedsec_head": 1}', *common]
@@ -125,6 +125,8 @@ def test_quickstart_on_a_two_node_ray_cluster_equals_single_node(two_node_cluste
             for pid, (_, cmd) in procs.items():
                 if cmd.startswith("ray::ClientAppActor"):
                     node = _node_of(pid, procs, raylets)
+                    if node is None:  # an actor of another Ray session on this machine
+                        continue
                     entry = ran.setdefault(pid, {"node": node, "torch": False})
                     try:
                         if not entry["torch"] and "libtorch_cpu" in Path(f"/proc/{pid}/maps").read_text():

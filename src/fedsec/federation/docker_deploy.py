@@ -455,10 +455,22 @@ class DockerDeployment:
                     proc.wait()
         self.timings["run_s"] = time.perf_counter() - t0
         if status != "finished:completed":
-            errors = [ln for ln in _read(log).splitlines() if "ERROR" in ln or "Error" in ln]
-            raise FedsecError(f"run {run_id} ended with status {status} ({details}); the ServerApp's log is "
-                              f"{log}\n" + ("\n".join("    " + e for e in errors[-10:]) or _tail(log)))
+            ids = [i for i in self.node_ids.values() if i]
+            errors = [self.name_nodes(ln) for ln in _read(log).splitlines()
+                      if "ERROR" in ln or "Error" in ln or any(f"node {i}" in ln for i in ids)]
+            raise FedsecError(f"run {run_id} ended with status {status} ({self.name_nodes(details)}); the "
+                              f"ServerApp's log is {log}\n"
+                              + ("\n".join("    " + e for e in errors[-12:]) or _tail(log)))
         return {"run_id": run_id, "status": status}
+
+    def name_nodes(self, text: str) -> str:
+        """Put the hospital's name next to each numeric node id in ``text`` (Flower's errors
+        name nodes by id; the operator registered each id for a hospital)."""
+        for pid, node_id in self.node_ids.items():
+            if node_id:
+                name = next(n.name for n in self.nodes if n.partition_id == pid)
+                text = re.sub(rf"\bnode {node_id}\b", f"hospital {name} (node {node_id})", text)
+        return text
 
     def _status(self, run_id: str) -> tuple[str, str]:
         out = self._cli(["list", self.connection, "--run-id", run_id, "--format", "json"])
@@ -506,10 +518,13 @@ class _Terminated(BaseException):
 def deploy_docker(scenario_path: str | os.PathLike, overrides: Sequence[str] | str | None = None,
                   out: str | os.PathLike | None = None, *, image: str | None = None,
                   data_dirs: Mapping[int, str] | None = None, verbose: bool = True,
-                  run_timeout: float | None = None, _fault: Callable[[DockerDeployment], None] | None = None) -> dict:
+                  run_timeout: float | None = None, pin_fab: bool | str = True,
+                  _fault: Callable[[DockerDeployment], None] | None = None) -> dict:
     """Run a scenario in containers; return its ``summary.json`` plus a ``deployment`` entry.
 
     ``image``: the fedsec image (default: built or reused by docker/build-images.sh).
+    ``pin_fab``: every hospital runs only the app whose FAB hash it was given (default: the
+    hash of the app this run sends; a string pins another hash, which the hospitals refuse).
     The results folder (``out`` or ``runs/<scenario>/<time>-<hash>/``) is copied out of the
     SuperLink container, with ``deployment/`` holding every container's log.
     """
@@ -544,7 +559,7 @@ def deploy_docker(scenario_path: str | os.PathLike, overrides: Sequence[str] | s
 
     old = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
     dep = DockerDeployment(image, nodes, log_dir=run_dir / "deployment", data_dirs=data_dirs, echo=echo,
-                           min_hospitals=scenario.federation.min_hospitals)
+                           min_hospitals=scenario.federation.min_hospitals, pin_fab=pin_fab)
     error: BaseException | None = None
     copied = False
     try:
