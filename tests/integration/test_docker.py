@@ -254,3 +254,29 @@ def test_hospital_refuses_an_app_other_than_the_pinned_one(image, tmp_path):
     assert f"runs only the app with FAB hash {pinned}" in msg
     assert _rounds(out) == []
     _record("fab_not_pinned", outcome=msg.splitlines()[0][:300], wall_s=round(time.perf_counter() - t0, 1))
+
+
+def test_ctrl_c_removes_every_container(image, tmp_path):
+    import re
+    import signal
+    import sys
+
+    fedsec_cli = str(Path(sys.executable).parent / "fedsec")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([fedsec_cli, "deploy", "--docker", QUICKSTART, "--image", image, "--out",
+                             str(tmp_path / "run")], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "joined in" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    err = "".join(lines) + err
+    dep_id = re.search(r"container fedsec-([0-9a-f]+)-superlink", err).group(1)
+    assert proc.returncode == 1, err[-2000:]
+    assert "interrupted (Ctrl-C); every container was removed" in err
+    _no_leftovers(dep_id)
+    _record("ctrl_c", outcome=f"exit {proc.returncode}: interrupted, no container left",
+            wall_s=round(time.perf_counter() - t0, 1))
