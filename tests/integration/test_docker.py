@@ -205,7 +205,7 @@ def test_hospital_killed_mid_run_fails_the_run_naming_it(image, tmp_path):
 
 def test_hospital_killed_mid_run_goes_on_under_min_hospitals(image, tmp_path, capfd):
     out = tmp_path / "run"
-    ov = ["federation.min_hospitals=1", "federation.timeout_s=60", "federation.rounds=3"]
+    ov = ["federation.min_hospitals=1", "federation.timeout_s=30", "federation.rounds=3"]
     t0 = time.perf_counter()
     summary = docker_deploy.deploy_docker(
         QUICKSTART, ov, out=out, image=image,
