@@ -93,8 +93,14 @@ mkdir -p "$ctx/wheels" "$ctx/app"
 cp -l "$wheels"/*.whl "$ctx/wheels/" 2>/dev/null || cp "$wheels"/*.whl "$ctx/wheels/"
 cp "$root/constraints.txt" "$wheels/requirements.txt" "$ctx/wheels/"
 touch -d @0 "$ctx"/wheels/*  # same content, same build cache key for the stack's layer
-"$PY" -m pip wheel -q --no-deps --no-build-isolation "$root/" -w "$ctx/app" >&2 2>/dev/null \
-  || "$PY" -m pip wheel -q --no-deps "$root/" -w "$ctx/app" >&2
+# fedsec's wheel from a clean copy of its sources (an in-tree build/ folder could carry
+# stale files into the wheel).
+mkdir -p "$ctx/fedsec-src"
+cp -r "$root/pyproject.toml" "$root/README.md" "$root/src" "$ctx/fedsec-src/"
+find "$ctx/fedsec-src" \( -name __pycache__ -o -name '*.egg-info' \) -prune -exec rm -rf {} +
+"$PY" -m pip wheel -q --no-deps --no-build-isolation "$ctx/fedsec-src/" -w "$ctx/app" >&2 2>/dev/null \
+  || "$PY" -m pip wheel -q --no-deps "$ctx/fedsec-src/" -w "$ctx/app" >&2
+rm -rf "$ctx/fedsec-src"
 cp -r "$root/scenarios" "$root/attacks" "$root/strategies" "$ctx/"
 cp "$root/docker/Dockerfile" "$ctx/Dockerfile"
 find "$ctx" -name __pycache__ -prune -exec rm -rf {} +

@@ -363,8 +363,9 @@ class DockerDeployment:
                 raise FedsecError(
                     f"the SuperLink container {c.name} restarted {phase}: its state (the registered node keys "
                     f"and this run) is kept in memory and was lost, so the run cannot continue; the rounds "
-                    f"finished before the restart are kept in the results folder; register the hospitals' "
-                    f"keys again and start a new run (or --resume it); see {self._save_log(c)}")
+                    f"finished before the restart are kept in the results folder; start a new run (with real "
+                    f"sites: register the hospitals' keys again first, or give the SuperLink --database); "
+                    f"see {self._save_log(c)}")
             if running:
                 continue
             log = self._save_log(c)
