@@ -23,13 +23,19 @@ HOSPITAL_ENV = {"FEDSEC_IMAGE": "fedsec:test", "FEDSEC_SUPERLINK": "fl.example.o
 OPERATOR_ENV = {"FEDSEC_IMAGE": "fedsec:test", "FEDSEC_CERTS": "/srv/op", "FEDSEC_RESULTS": "/srv/results"}
 
 
+def _env(extra: dict) -> dict:
+    # A clean environment: Debian's docker-compose is a system-Python script, and variables a
+    # Ray run leaves in this process (PYTHONPATH) would make it import the venv's packages.
+    keep = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
+    return {**keep, **extra}
+
+
 def _config(path: Path, env: dict) -> dict:
     exe = shutil.which("docker-compose")
     if exe is None:
         pytest.skip("docker-compose not installed (apt-get install docker-compose)")
     res = subprocess.run([exe, "-f", str(path), "--profile", "check", "config"], capture_output=True, text=True,
-                         env={**{k: v for k, v in os.environ.items() if not k.startswith("FEDSEC_")}, **env},
-                         cwd=path.parent)
+                         env=_env(env), cwd=path.parent)
     assert res.returncode == 0, res.stderr
     return yaml.safe_load(res.stdout)
 
@@ -56,7 +62,7 @@ def test_hospital_file_refuses_to_start_without_the_superlink_address():
         pytest.skip("docker-compose not installed")
     env = {k: v for k, v in HOSPITAL_ENV.items() if k != "FEDSEC_SUPERLINK"}
     res = subprocess.run([exe, "-f", str(HOSPITAL), "config"], capture_output=True, text=True,
-                         env={**{k: v for k, v in os.environ.items() if not k.startswith("FEDSEC_")}, **env})
+                         env=_env(env))
     assert res.returncode != 0 and "FEDSEC_SUPERLINK" in res.stderr
 
 
