@@ -321,7 +321,14 @@ class LocalDeployment:
             raise FedsecError(f"`flwr {' '.join(args)}` did not answer within {timeout:g} s") from err
         with open(self.log_dir / "flwr-cli.log", "a") as fh:
             fh.write(f"$ flwr {' '.join(args)}  (exit {res.returncode})\n{res.stdout}{res.stderr}\n")
-        if res.returncode != 0:
+        failed = res.returncode != 0
+        if not failed and "json" in args:  # flwr 1.41 exits 0 with {"success": false, ...} on errors
+            try:
+                answer = json.loads(res.stdout)
+            except ValueError:  # the callers report an answer they cannot read
+                answer = None
+            failed = isinstance(answer, dict) and answer.get("success") is False
+        if failed:
             raise FedsecError(
                 f"`flwr {' '.join(args)}` failed (exit {res.returncode}):\n{_ANSI.sub('', res.stdout + res.stderr)[-2000:]}"
             )

@@ -283,7 +283,16 @@ class DockerDeployment:
             raise FedsecError(f"`flwr {' '.join(args)}` did not answer within {timeout:g} s") from err
         with open(self.log_dir / "flwr-cli.log", "a") as fh:
             fh.write(f"$ flwr {' '.join(args)}  (exit {res.returncode})\n{res.stdout}{res.stderr}\n")
-        if check and res.returncode != 0:
+        failed = res.returncode != 0
+        if not failed and "json" in args:
+            # flwr 1.41 exits 0 with {"success": false, "error-message": ...} when it cannot
+            # reach the SuperLink: read the answer, not only the exit code.
+            try:
+                answer = json.loads(res.stdout)
+            except ValueError:
+                answer = None
+            failed = not isinstance(answer, dict) or answer.get("success") is False
+        if check and failed:
             raise FedsecError(f"`flwr {' '.join(args)}` failed (exit {res.returncode}):\n"
                               f"{_ANSI.sub('', res.stdout + res.stderr)[-1500:]}")
         return res.stdout
