@@ -94,9 +94,16 @@ def cmd_deploy(args) -> int:
         check_out_folder(args.out, args.force)
         if is_results_folder(args.out):  # an earlier run's folder: its files go, nothing else
             RunDir(args.out).clear()
-    summary = _deploy_stopping_on_sigterm(deploy, scenario, overrides, args)
+    if args.docker:  # containers: TLS + node authentication always (docs/deployment.md)
+        from fedsec.federation.docker_deploy import deploy_docker
+
+        summary = deploy_docker(scenario, overrides, args.out, image=args.image)
+        mode = "Docker containers, TLS + node authentication"
+    else:
+        summary = _deploy_stopping_on_sigterm(deploy, scenario, overrides, args)
+        mode = "TLS + node authentication" if args.secure else "insecure, loopback"
     f = summary["final"]
-    print(f"deployment ({'TLS + node authentication' if args.secure else 'insecure, loopback'}) completed "
+    print(f"deployment ({mode}) completed "
           f"{summary['rounds']} rounds in {summary['timing']['wall_s']:.1f} s")
     print("final (union of hospitals' test sets): " + ", ".join(
         f"{k} {v:.3f}" for k, v in f.items() if v is not None))
@@ -279,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clientapp", choices=["warm", "subprocess"], default="warm",
                    help="warm: one long-lived ClientApp process per hospital (default); subprocess: Flower's "
                         "stock executor (a new process per message)")
+    p.add_argument("--docker", action="store_true", help="one container per hospital and one for the "
+                   "SuperLink (TLS + node authentication), from the image docker/build-images.sh makes")
+    p.add_argument("--image", help="with --docker: the fedsec image to use (default: build or reuse one)")
     p.set_defaults(fn=cmd_deploy)
 
     p = sub.add_parser("validate", help="check scenario files (exit 0 if all valid, 2 otherwise)")

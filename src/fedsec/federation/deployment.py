@@ -321,7 +321,14 @@ class LocalDeployment:
             raise FedsecError(f"`flwr {' '.join(args)}` did not answer within {timeout:g} s") from err
         with open(self.log_dir / "flwr-cli.log", "a") as fh:
             fh.write(f"$ flwr {' '.join(args)}  (exit {res.returncode})\n{res.stdout}{res.stderr}\n")
-        if res.returncode != 0:
+        failed = res.returncode != 0
+        if not failed and "json" in args:  # flwr 1.41 exits 0 with {"success": false, ...} on errors
+            try:
+                answer = json.loads(res.stdout)
+            except ValueError:  # the callers report an answer they cannot read
+                answer = None
+            failed = isinstance(answer, dict) and answer.get("success") is False
+        if failed:
             raise FedsecError(
                 f"`flwr {' '.join(args)}` failed (exit {res.returncode}):\n{_ANSI.sub('', res.stdout + res.stderr)[-2000:]}"
             )
@@ -611,6 +618,16 @@ def default_app_dir() -> Path:
     )
 
 
+def fab_hash(app_dir: str | os.PathLike) -> str:
+    """The hash Flower gives the FAB of ``app_dir`` (sha256 of the FAB bytes; Flower builds
+    FABs with a fixed date, so the same files give the same hash on any machine)."""
+    import hashlib
+
+    from flwr.cli.build import build_fab_from_disk
+
+    return hashlib.sha256(build_fab_from_disk(Path(app_dir))).hexdigest()
+
+
 def _hospital_names(scenario) -> list[str]:
     """The hospitals in the order of their partition-ids, as the simulation names them."""
     fed = scenario.federation
@@ -723,8 +740,13 @@ def serve_clientapps(
     parent_pid: int | None = None,
     poll_interval: float = 0.25,
     max_tasks: int | None = None,
+    pinned_fabs: Sequence[str] = (),
 ) -> None:
     """A long-lived ClientApp executor for one SuperNode (``--isolation process``).
+
+    ``pinned_fabs``: when given, the hospital runs only an app whose FAB hash (sha256 of the
+    FAB Flower ships, see :func:`fab_hash`) is listed; any other app gets an error reply
+    naming both hashes and is never installed or imported.
 
     Flower's own executor (``flower-superexec``) starts a fresh ``flwr-clientapp``
     process per message, which re-imports torch and fedsec and reloads the hospital's
@@ -801,7 +823,11 @@ def serve_clientapps(
             heartbeat.start()
             message, context, run, fab = pull_task_input(rt)
             kind = message.metadata.message_type
+            if pinned_fabs and fab.hash_str not in pinned_fabs:
+                raise PermissionError(f"this hospital runs only the app with FAB hash {', '.join(pinned_fabs)}; "
+                                      f"the operator sent {fab.hash_str} ({run.fab_id} {run.fab_version})")
             if fab.hash_str not in installed:
+                log.info("installing app %s %s, FAB hash %s", run.fab_id, run.fab_version, fab.hash_str)
                 install_from_fab(fab.content, skip_prompt=True)
                 installed.add(fab.hash_str)
             app = load_app(run.fab_id, run.fab_version, fab.hash_str)
@@ -849,10 +875,17 @@ def _main(argv: Sequence[str] | None = None) -> int:
     w.add_argument("--preload", action="append", default=[], help="module to import once at start")
     w.add_argument("--parent-pid", type=int, default=None)
     w.add_argument("--poll-interval", type=float, default=0.25)
+    w.add_argument("--pin-fab", action="append", default=[], metavar="SHA256",
+                   help="run only the app with this FAB hash (repeatable); see `fab-hash`")
+    h = sub.add_parser("fab-hash", help="print the FAB hash of a Flower app folder (what a hospital pins)")
+    h.add_argument("app_dir", nargs="?", default=None)
     args = parser.parse_args(argv)
     if args.command == "clientapp-worker":
         serve_clientapps(args.runtime_api_address, args.insecure, args.root_certificates, args.preload,
-                         args.parent_pid, args.poll_interval)
+                         args.parent_pid, args.poll_interval, pinned_fabs=args.pin_fab)
+        return 0
+    if args.command == "fab-hash":
+        print(fab_hash(args.app_dir or default_app_dir()))
         return 0
     try:
         summary = deploy(args.scenario, args.overrides, args.out, args.secure, clientapp=args.clientapp,
