@@ -1,7 +1,7 @@
 """``fedsec sweep``: a grid of scenario overrides x seeds, one run folder per cell.
 
     fedsec sweep scenarios/heart_sweep.yaml --grid attacks=none,label_flip,alie \\
-        --grid strategy=fedavg,krum,median --seeds 0,1,2 --out runs/heart-sweep
+        --grid strategy=fedavg,median,norm_bounding --seeds 0,1,2 --out runs/heart-sweep
 
 Layout of the sweep folder (what ``fedsec report`` reads)::
 

@@ -232,3 +232,15 @@ def test_fuzz_random_bytes_never_crash(tmp_path, capsys):
         assert main(["validate", str(p)]) in (0, 2)
     out = capsys.readouterr()
     assert "Traceback" not in out.out + out.err
+
+
+def test_grid_values_can_address_list_items():
+    """`--grid attacks[0].poison_fraction=0,0.5`: one cell per value, each loading to its option."""
+    from fedsec import sweep as sw
+
+    grid = sw.parse_grid(["attacks[0].poison_fraction=0,0.5", "strategy=fedavg,median"])
+    cells = sw.expand(grid, [0])
+    assert len(cells) == 4
+    got = sorted((load_scenario(ROOT / "scenarios" / "integrity_heart.yaml", c.overrides).attacks[0]["poison_fraction"],
+                  c.values["strategy"]) for c in cells)
+    assert got == [(0, "fedavg"), (0, "median"), (0.5, "fedavg"), (0.5, "median")]
