@@ -98,22 +98,27 @@ def safe_name(name: str) -> str:
     return text or "scenario"
 
 
-def check_out_folder(out: str | Path, force: bool = False) -> None:
+def check_out_folder(out: str | Path, force: bool = False, *, ours=None, names=None,
+                     kind: str = "a fedsec results folder (it has no fedsec manifest.json)",
+                     writer: str = "a run") -> None:
     """Refuse (FedsecError: exit 2) an ``--out`` folder a fresh run must not write into: a
-    non-empty folder that is not a fedsec run, unless ``force``; and, even with ``force``,
-    one holding a file of fedsec's names that fedsec did not write (it would be overwritten)."""
+    non-empty folder that is not fedsec's own (``ours(path)``, default: a run's folder), unless
+    ``force``; and, even with ``force``, one holding a file of fedsec's ``names`` that fedsec
+    did not write (it would be overwritten). Sweeps call it with their own ``ours`` / ``names``."""
+    ours = ours or is_results_folder
+    names = RUN_FILES if names is None else names
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise FedsecError(f"--out {path}: is a file, not a folder")
-    if not path.exists() or is_results_folder(path) or not any(path.iterdir()):
+    if not path.exists() or ours(path) or not any(path.iterdir()):
         return
     if not force:
-        raise FedsecError(f"--out {path}: the folder is not empty and is not a fedsec results folder (it has no "
-                          "fedsec manifest.json); give a new or empty folder, or add --force to write into it "
-                          "(fedsec then removes and overwrites nothing that is already there)")
-    clash = sorted(n for n in RUN_FILES if (path / n).exists())
+        raise FedsecError(f"--out {path}: the folder is not empty and is not {kind}; give a new or empty folder, "
+                          "or add --force to write into it (fedsec then removes and overwrites nothing that is "
+                          "already there)")
+    clash = sorted(n for n in names if (path / n).exists())
     if clash:
-        raise FedsecError(f"--out {path}: holds {', '.join(clash)}, which a run would overwrite and which fedsec "
+        raise FedsecError(f"--out {path}: holds {', '.join(clash)}, which {writer} would overwrite and which fedsec "
                           "did not write (even with --force); move them or give another folder")
 
 

@@ -670,18 +670,10 @@ SWEEP_NAMES = ("sweep.json", "sweep.csv", "summary.csv", "summary.md", "cells", 
 def check_sweep_out(out: Path, force: bool = False) -> None:
     """A sweep writes only into a new or empty folder or an earlier sweep's (it has sweep.json);
     ``--force`` allows another folder, but never one holding a file of the sweep's names."""
-    if out.exists() and not out.is_dir():
-        raise FedsecError(f"--out {out}: is a file, not a folder")
-    if not out.exists() or (out / "sweep.json").is_file() or not any(out.iterdir()):
-        return
-    if not force:
-        raise FedsecError(f"--out {out}: the folder is not empty and is not a fedsec sweep folder (no sweep.json); "
-                          "give a new or empty folder, or add --force to write into it (nothing already there is "
-                          "removed or overwritten)")
-    clash = sorted(n for n in SWEEP_NAMES if (out / n).exists())
-    if clash:
-        raise FedsecError(f"--out {out}: holds {', '.join(clash)}, which the sweep would overwrite and which fedsec "
-                          "did not write (even with --force); move them or give another folder")
+    from fedsec.results import check_out_folder
+
+    check_out_folder(out, force, ours=lambda p: (p / "sweep.json").is_file(), names=SWEEP_NAMES,
+                     kind="a fedsec sweep folder (no sweep.json)", writer="the sweep")
 
 
 def run_sweep(scenario, grid=None, seeds=None, out=None, overrides=None, parallel: int | None = None,
