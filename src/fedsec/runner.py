@@ -266,15 +266,14 @@ def _engine_run(scenario, hospitals, task, run_dir, on_round, verbose, initial_s
 
 def run_on_grid(grid, scenario_ref: str, overrides: str, out: str) -> dict:
     """The deployment ServerApp's body: same results folder as a simulation."""
-    import yaml
-
     from fedsec.federation.server_app import serve
-    from fedsec.scenario import load_scenario
+    from fedsec.scenario import load_scenario, parse_yaml_text
     from fedsec.tasks import build_task
 
     t0 = time.perf_counter()
     ref = scenario_ref.strip()
-    source = yaml.safe_load(ref) if "\n" in ref else ref
+    # scenario text from the run config is untrusted input: the same bounded parser as a file
+    source = parse_yaml_text(ref, "the run's scenario") if "\n" in ref else ref
     scenario = load_scenario(source, overrides.split() if overrides else None)
     # `fedsec deploy` checked --out before it started the nodes (their logs are in it by now)
     run_dir = RunDir(out) if out else RunDir.for_scenario(scenario, None)

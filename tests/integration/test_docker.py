@@ -211,7 +211,8 @@ def test_hospital_killed_mid_run_goes_on_under_min_hospitals(image, tmp_path, ca
         QUICKSTART, ov, out=out, image=image,
         _fault=lambda dep: _after_round(dep, 1, lambda d: _docker("kill", d.hospitals[1].name)))
     err = capfd.readouterr().err
-    assert summary["status"] == "completed" and _rounds(out) == [1, 2, 3]
+    # every round ran, but a hospital failed in some: not plain "completed" (docs/scenarios.md)
+    assert summary["status"] == "completed_with_failures" and _rounds(out) == [1, 2, 3]
     assert list(summary["deployment"]["hospitals_lost"]) == ["hungary"]
     assert "going on with 1 hospitals (federation.min_hospitals=1)" in err
     rounds = [json.loads(ln) for ln in (out / "rounds.jsonl").read_text().splitlines()]
