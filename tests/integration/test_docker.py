@@ -264,9 +264,12 @@ def test_ctrl_c_removes_every_container(image, tmp_path):
 
     fedsec_cli = str(Path(sys.executable).parent / "fedsec")
     t0 = time.perf_counter()
+    # a shell's background job (nohup CI) starts with SIGINT ignored, and Python keeps it
+    # ignored: give the child Ctrl-C back, as a terminal would
     proc = subprocess.Popen([fedsec_cli, "deploy", "--docker", QUICKSTART, "--image", image, "--out",
                              str(tmp_path / "run")], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     for line in proc.stderr:
         lines.append(line)
