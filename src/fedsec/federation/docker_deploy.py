@@ -571,6 +571,7 @@ def deploy_docker(scenario_path: str | os.PathLike, overrides: Sequence[str] | s
     dep = DockerDeployment(image, nodes, log_dir=run_dir / "deployment", data_dirs=data_dirs, echo=echo,
                            min_hospitals=scenario.federation.min_hospitals, pin_fab=pin_fab)
     error: BaseException | None = None
+    stopped_by: int | None = None  # the signal that stopped the run (exit 128 + it, like `fedsec run`)
     copied = False
     try:
         with dep:
@@ -584,14 +585,20 @@ def deploy_docker(scenario_path: str | os.PathLike, overrides: Sequence[str] | s
             finally:  # also on failure / Ctrl-C: the finished rounds are kept
                 copied = dep.copy_out("/home/app/results", run_dir)
     except _Terminated:
-        error = FedsecError("terminated (SIGTERM); every container was removed")
+        error, stopped_by = FedsecError("terminated (SIGTERM); every container was removed"), signal.SIGTERM
     except KeyboardInterrupt:
-        error = FedsecError("interrupted (Ctrl-C); every container was removed")
+        error, stopped_by = FedsecError("interrupted (Ctrl-C); every container was removed"), signal.SIGINT
     except FedsecError as err:
         error = err
     finally:
         if old is not None:
             signal.signal(signal.SIGTERM, old)
+    if error is not None and stopped_by is not None:
+        from fedsec.federation.engine import Interrupted
+
+        print(f"fedsec: {error}" + (f"; finished rounds copied to {run_dir}" if copied else ""),
+              file=sys.stderr, flush=True)
+        raise Interrupted(stopped_by)
     if error is not None:
         from fedsec.runner import RunFailed
 
