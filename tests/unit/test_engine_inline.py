@@ -148,7 +148,7 @@ def test_quickstart_inline_results_and_a_failing_hospital(tmp_path):
     with pytest.raises(RunFailed) as info:
         fedsec.run(QUICKSTART, out=tmp_path / "boom", progress=False,
                    overrides=["engine.name=inline", "federation.rounds=2",
-                              "attacks=[{attack: 'tests.integration.faulty:Boom', hospitals: [1]}]"])
+                              "attacks=[{preset: hospital_fault, hospitals: [1], message: disk full}]"])
     assert "hungary" in str(info.value) and "disk full at hospital 1" in str(info.value)
 
 
@@ -162,11 +162,10 @@ def test_sweep_picks_the_engine_per_cell():
     assert cell_engine(q) == "inline" and cell_engine(q, "ray") == "ray"
     assert cell_engine(q, address="10.0.0.5:6379") == "ray"  # a cluster was named
     assert cell_engine(load_scenario(QUICKSTART, ["engine.address=10.0.0.5:6379"])) == "ray"
-    assert cell_engine(load_scenario(QUICKSTART, ["federation.sites=null", "federation.partition={name: iid}",
-                                                  "federation.hospitals=50"])) == "ray"
-    assert cell_engine(load_scenario(QUICKSTART, ["engine.name=inline", "federation.sites=null",
-                                                  "federation.partition={name: iid}", "federation.hospitals=50"])) \
-        == "inline"  # the scenario's own choice
+    many = ["task.name=pneumonia", "task.model=small_cnn", "federation.sites=null",
+            "federation.partition={name: iid}", "federation.hospitals=50"]  # 50 hospitals: Ray
+    assert cell_engine(load_scenario(QUICKSTART, many)) == "ray"
+    assert cell_engine(load_scenario(QUICKSTART, ["engine.name=inline", *many])) == "inline"  # the scenario's choice
     # an in-process cell runs one hospital at a time: one CPU, so two cells side by side on 2 CPUs
     assert cell_need(q, "inline") == 1.0 and cell_need(q, "ray") == 2.0
     assert default_parallel([q], cpus=2, engines=["inline"]) == 2 and default_parallel([q], cpus=2) == 1
