@@ -368,6 +368,15 @@ class DockerDeployment:
             if c is None or (c.node is not None and c.node.partition_id in self.lost):
                 continue
             running, code = self._state(c)
+            if not running and c.role == "superlink" and not c.restarted:
+                # `docker restart` (or a restart policy) stops the container and starts it again a moment
+                # later; seen in between it looks like an exit. Look again briefly so a restart is
+                # reported as one (its in-memory state is lost) rather than as a plain exit.
+                for _ in range(10):
+                    time.sleep(0.5)
+                    running, code = self._state(c)
+                    if running or c.restarted:
+                        break
             if c.restarted and c.role == "superlink":
                 raise FedsecError(
                     f"the SuperLink container {c.name} restarted {phase}: its state (the registered node keys "
