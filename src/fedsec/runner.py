@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -21,10 +22,11 @@ class RunFailed(FedsecError):
 
 
 def _check_privacy(scenario, task) -> None:
+    """task: the built Task, or a deployment's NodesTask (the hospitals' description)."""
     from fedsec.federation.adversary import build_plans
     from fedsec.privacy.defenses import check_privacy
 
-    check_privacy(scenario, task, build_plans(scenario, task.data.num_hospitals))
+    check_privacy(scenario, task, build_plans(scenario, len(task.train_sizes())))
 
 
 class Progress:
@@ -154,89 +156,149 @@ def run(scenario, overrides=None, out=None, verbose: bool = False, resume: str |
     (with the written summary) if the run fails, and ``Interrupted`` (a KeyboardInterrupt)
     when SIGINT / SIGTERM stopped it (status "interrupted", finished rounds kept).
     """
-    from fedsec.federation.engine import Interrupted, check_address, quiet, stop_on_signals, stop_requested
-    from fedsec.results import is_results_folder
+    from fedsec.federation.engine import check_address, quiet
     from fedsec.scenario import Scenario, load_scenario
 
     t0 = time.perf_counter()
     quiet(verbose)
     previous = None
     if resume is not None:
-        if not (Path(resume) / "scenario.yaml").exists() or not is_results_folder(resume):
-            raise FedsecError(f"{resume}: not a fedsec results folder (no scenario.yaml / manifest.json)")
-        run_dir = RunDir(resume)
+        run_dir, previous = _resumed_folder(resume)
         scenario = load_scenario(run_dir.path / "scenario.yaml", overrides)
-        previous = read_json(run_dir.path / "manifest.json")
         check_address(scenario)
     else:
         scenario = scenario if isinstance(scenario, Scenario) and not overrides else load_scenario(scenario, overrides)
         check_address(scenario)  # an engine.address that does not answer is bad input: before any output
         run_dir = RunDir.for_scenario(scenario, out, force=force)
-    run_dir.begin(previous)
-    manifest = new_manifest(scenario, run_dir)
-    if resume is not None:
-        manifest["started_at"] = previous.get("started_at", manifest["started_at"])
-    else:
-        run_dir.write_scenario(scenario)
-    manifest["files"] = run_dir.created_files()
-    run_dir.write_manifest(manifest)
-    run_dir.write_summary(build_summary(scenario, run_dir, "running", t0))
+    return RunLifecycle(scenario, run_dir, t0, previous=previous, progress=progress).execute(
+        lambda life: _engine_run(scenario, life.hospitals, life.task, run_dir, life.on_round, verbose,
+                                 life.initial_state, life.offset, life.server_state))
 
-    status, error, failure, started = "failed", None, None, False
-    tracker = None
-    try:
-        with stop_on_signals(kill_local_ray=not scenario.engine.address):
+
+def _resumed_folder(resume) -> tuple[RunDir, dict]:
+    from fedsec.results import is_results_folder
+
+    if not (Path(resume) / "scenario.yaml").exists() or not is_results_folder(resume):
+        raise FedsecError(f"{resume}: not a fedsec results folder (no scenario.yaml / manifest.json)")
+    run_dir = RunDir(resume)
+    return run_dir, read_json(run_dir.path / "manifest.json")
+
+
+class RunLifecycle:
+    """One run's life, the same for a simulation (``run``) and a deployment's ServerApp
+    (``run_on_grid``): open the results folder (manifest, scenario, a "running" summary),
+    check the task and privacy options, resume from the checkpoint, report progress and
+    TensorBoard, and whatever happens write the final summary and manifest.
+
+    A simulation builds the task (``holds_data``); a deployment's server holds no patient
+    data: the hospitals' introductions describe the model, and what would need data on the
+    server is refused before the first round (``adversary.server_data_needs``).
+    """
+
+    def __init__(self, scenario, run_dir: RunDir, t0: float, *, previous: dict | None = None,
+                 progress: bool = True, holds_data: bool = True, engine_name: str | None = None):
+        self.scenario, self.run_dir, self.t0 = scenario, run_dir, t0
+        self.previous, self.progress, self.holds_data = previous, progress, holds_data
+        self.resumed = previous is not None
+        self.engine_name = engine_name or scenario.engine.name
+        self.task = None
+        self.hospitals: list[str] | None = None
+        self.initial_state, self.offset, self.server_state = None, 0, None
+        self.on_round = None
+
+    def _open(self) -> dict:
+        run_dir, scenario = self.run_dir, self.scenario
+        run_dir.begin(self.previous)
+        if self.engine_name == "deployment":
+            run_dir.claim("deployment")  # `fedsec deploy` wrote the nodes' logs there before
+        manifest = new_manifest(scenario, run_dir)
+        manifest["engine"]["name"] = self.engine_name
+        if self.resumed:
+            manifest["started_at"] = self.previous.get("started_at", manifest["started_at"])
+        else:
+            run_dir.write_scenario(scenario)
+        manifest["files"] = run_dir.created_files()
+        run_dir.write_manifest(manifest)
+        run_dir.write_summary(build_summary(scenario, run_dir, "running", self.t0))
+        return manifest
+
+    def _prepare(self, manifest: dict) -> None:
+        """Data and privacy checks, the checkpoint, the first progress line: before any engine."""
+        scenario, run_dir = self.scenario, self.run_dir
+        if self.holds_data:
             from fedsec.tasks import build_task
 
-            task = build_task(scenario)  # data errors surface here, before any engine starts
-            _check_privacy(scenario, task)  # privacy options and combinations, before any engine starts
-            hospitals = hospital_names(scenario, task)
-            initial_state, offset, server_state = None, 0, None
-            if resume is not None:
-                ckpt = run_dir.load_checkpoint()
-                if ckpt is not None:  # the model and the server's state (rule, attacks, central DP)
-                    initial_state, offset, server_state = ckpt["state"], int(ckpt["round"]), ckpt.get("server")
-                run_dir.truncate_rounds(offset)
-                manifest["resumed_at_round"] = offset
-            if progress:
-                print(f"fedsec: {scenario.name} | {len(hospitals)} hospitals | {scenario.federation.rounds} rounds | "
-                      f"{scenario.engine.name} -> {run_dir.path}", file=sys.stderr, flush=True)
+            self.task = build_task(scenario)  # data errors surface here, before any engine starts
+            _check_privacy(scenario, self.task)  # privacy options and combinations
+            self.hospitals = hospital_names(scenario, self.task)
+        else:
+            from fedsec.federation.adversary import server_data_needs
 
-            from fedsec.tracking import TensorBoardTracker
+            needs = server_data_needs(scenario)
+            if needs:
+                raise FedsecError("a deployment's server holds no patient data, but " + "; ".join(needs))
+            _check_privacy_options(scenario)  # the rest once the hospitals describe their data
+        if self.resumed:
+            ckpt = run_dir.load_checkpoint()
+            if ckpt is not None:  # the model and the server's state (rule, attacks, central DP)
+                self.initial_state, self.offset, self.server_state = ckpt["state"], int(ckpt["round"]), ckpt.get("server")
+            run_dir.truncate_rounds(self.offset)
+            manifest["resumed_at_round"] = self.offset
+        if self.progress:
+            who = f"{len(self.hospitals)} hospitals" if self.hospitals is not None else "hospital nodes"
+            print(f"fedsec: {scenario.name} | {who} | {scenario.federation.rounds} rounds | "
+                  f"{self.engine_name} -> {run_dir.path}", file=sys.stderr, flush=True)
 
-            tracker = TensorBoardTracker.for_run(scenario, run_dir, resumed_from_round=offset)
-            if stop_requested() is not None:  # Ctrl-C while the data loaded: do not start Ray
-                raise Interrupted(stop_requested())
-            started = True
-            _engine_run(scenario, hospitals, task, run_dir,
-                        Progress(scenario, progress, tracker=tracker, run_dir=run_dir, manifest=manifest),
-                        verbose, initial_state, offset, server_state)
-            status = "completed"
-    except KeyboardInterrupt as err:  # Ctrl-C / SIGTERM (Interrupted), or a Ctrl-C before the engine ran
-        failure = err if isinstance(err, Interrupted) else Interrupted()
-        status, error = "interrupted", f"interrupted by {signal_name(failure.signum)}"
-    except FedsecError as err:
-        error, failure = str(err), err
-    except Exception as err:  # a bug or a library failure: keep the results and the traceback
-        error, failure = _unexpected(err, run_dir), err
-    finally:
-        if tracker:
-            tracker.close()
-        summary = finish_summary(build_summary(scenario, run_dir, status, t0, error), run_dir, scenario, failure)
-        run_dir.write_summary(summary)
-        manifest.update(status=summary["status"], ended_at=utc_now(), files=run_dir.created_files())
-        run_dir.write_manifest(manifest)
-    if status == "interrupted":
-        if progress:
-            print(f"fedsec: interrupted after {summary['rounds']} finished round(s); they are kept in "
-                  f"{run_dir.path} (finish with: fedsec run --resume {run_dir.path})", file=sys.stderr, flush=True)
-        raise failure
-    if isinstance(failure, FedsecError) and not started:
-        raise failure  # bad input found before any engine started (data, privacy options): exit 2
-    if summary["status"] not in ("completed", FAILURE_STATUS):
-        raise RunFailed(f"run failed after {summary['rounds']} round(s): {summary['error']}\n"
-                        f"results so far: {run_dir.path}", summary)
-    return summary
+    def execute(self, start) -> dict:
+        """Run ``start(self)`` (the engine, or the ServerApp's rounds) inside the lifecycle.
+        -> summary.json's dict; raises as :func:`run` documents."""
+        from fedsec.federation.engine import Interrupted, stop_on_signals, stop_requested
+        from fedsec.tracking import TensorBoardTracker
+
+        scenario, run_dir = self.scenario, self.run_dir
+        manifest = self._open()
+        status, error, failure, started = "failed", None, None, False
+        tracker = None
+        simulation = self.engine_name != "deployment"
+        guard = stop_on_signals(kill_local_ray=not scenario.engine.address) if simulation else contextlib.nullcontext()
+        try:
+            with guard:
+                self._prepare(manifest)
+                tracker = TensorBoardTracker.for_run(scenario, run_dir, resumed_from_round=self.offset)
+                self.on_round = Progress(scenario, self.progress, tracker=tracker, run_dir=run_dir, manifest=manifest)
+                if simulation and stop_requested() is not None:  # Ctrl-C while the data loaded
+                    raise Interrupted(stop_requested())
+                started = True
+                start(self)
+                status = "completed"
+        except KeyboardInterrupt as err:  # Ctrl-C / SIGTERM (Interrupted), or a Ctrl-C before the engine ran
+            failure = err if isinstance(err, Interrupted) else Interrupted()
+            status, error = "interrupted", f"interrupted by {signal_name(failure.signum)}"
+        except FedsecError as err:
+            error, failure = str(err), err
+        except Exception as err:  # a bug or a library failure: keep the results and the traceback
+            error, failure = _unexpected(err, run_dir), err
+        finally:
+            if tracker:
+                tracker.close()
+            summary = finish_summary(build_summary(scenario, run_dir, status, self.t0, error), run_dir, scenario,
+                                     failure)
+            run_dir.write_summary(summary)
+            manifest.update(status=summary["status"], ended_at=utc_now(), files=run_dir.created_files())
+            run_dir.write_manifest(manifest)
+        if not simulation and failure is not None:
+            raise failure  # the ServerApp's run fails (Flower reports it; the summary says why)
+        if status == "interrupted":
+            if self.progress:
+                print(f"fedsec: interrupted after {summary['rounds']} finished round(s); they are kept in "
+                      f"{run_dir.path} (finish with: fedsec run --resume {run_dir.path})", file=sys.stderr, flush=True)
+            raise failure
+        if isinstance(failure, FedsecError) and not started:
+            raise failure  # bad input found before any engine started (data, privacy options): exit 2
+        if summary["status"] not in ("completed", FAILURE_STATUS):
+            raise RunFailed(f"run failed after {summary['rounds']} round(s): {summary['error']}\n"
+                            f"results so far: {run_dir.path}", summary)
+        return summary
 
 
 def signal_name(signum: int) -> str:
@@ -264,39 +326,48 @@ def _engine_run(scenario, hospitals, task, run_dir, on_round, verbose, initial_s
     raise FedsecError(f"engine.name={scenario.engine.name}: use `fedsec deploy` to run on real Flower nodes")
 
 
-def run_on_grid(grid, scenario_ref: str, overrides: str, out: str) -> dict:
-    """The deployment ServerApp's body: same results folder as a simulation."""
+def run_on_grid(grid, scenario_ref: str, overrides: str, out: str, resume: bool = False) -> dict:
+    """The deployment ServerApp's body: the same lifecycle and results folder as a
+    simulation, with no patient data on the server. ``resume``: continue the interrupted
+    run whose results folder is ``out`` from its checkpoint."""
     from fedsec.federation.server_app import serve
     from fedsec.scenario import load_scenario, parse_yaml_text
-    from fedsec.tasks import build_task
 
     t0 = time.perf_counter()
-    ref = scenario_ref.strip()
-    # scenario text from the run config is untrusted input: the same bounded parser as a file
-    source = parse_yaml_text(ref, "the run's scenario") if "\n" in ref else ref
-    scenario = load_scenario(source, overrides.split() if overrides else None)
-    # `fedsec deploy` checked --out before it started the nodes (their logs are in it by now)
-    run_dir = RunDir(out) if out else RunDir.for_scenario(scenario, None)
-    run_dir.begin()
-    run_dir.claim("deployment")
-    run_dir.write_scenario(scenario)
-    manifest = new_manifest(scenario, run_dir)
-    manifest["engine"]["name"] = "deployment"
-    run_dir.write_manifest(manifest)
-    task = build_task(scenario)
-    _check_privacy(scenario, task)
-    status, error, failure = "failed", None, None
-    try:
-        serve(grid, scenario, hospital_names(scenario, task), run_dir, Progress(scenario), task,
-              task.make_model(seed=scenario.seed).state_dict(), 0)
-        status = "completed"
-    except Exception as err:
-        failure = err
-        error = str(err) if isinstance(err, FedsecError) else _unexpected(err, run_dir)
-        raise
-    finally:
-        summary = finish_summary(build_summary(scenario, run_dir, status, t0, error), run_dir, scenario, failure)
-        run_dir.write_summary(summary)
-        manifest.update(status=summary["status"], ended_at=utc_now(), files=run_dir.created_files())
-        run_dir.write_manifest(manifest)
-    return summary
+    previous = None
+    if resume:
+        if not out:
+            raise FedsecError("resume: give the interrupted run's results folder (out)")
+        run_dir, previous = _resumed_folder(out)
+        scenario = load_scenario(run_dir.path / "scenario.yaml", overrides.split() if overrides else None)
+    else:
+        ref = scenario_ref.strip()
+        # scenario text from the run config is untrusted input: the same bounded parser as a file
+        source = parse_yaml_text(ref, "the run's scenario") if "\n" in ref else ref
+        scenario = load_scenario(source, overrides.split() if overrides else None)
+        # `fedsec deploy` checked --out before it started the nodes (their logs are in it by now)
+        run_dir = RunDir(out) if out else RunDir.for_scenario(scenario, None)
+    n = _expected_hospitals(scenario)
+
+    def start(life: RunLifecycle) -> None:
+        strategy = serve(grid, scenario, None, run_dir, life.on_round, None, life.initial_state, life.offset,
+                         life.server_state, num_hospitals=n,
+                         on_introduced=lambda nodes_task: _check_privacy(scenario, nodes_task))
+        life.hospitals = strategy.hospitals
+
+    return RunLifecycle(scenario, run_dir, t0, previous=previous, holds_data=False,
+                        engine_name="deployment").execute(start)
+
+
+def _expected_hospitals(scenario) -> int:
+    """How many hospital nodes a deployment waits for, from the scenario alone."""
+    from fedsec.federation.deployment import _hospital_names
+
+    return len(_hospital_names(scenario))
+
+
+def _check_privacy_options(scenario) -> None:
+    from fedsec.federation.adversary import build_plans
+    from fedsec.privacy.defenses import check_privacy
+
+    check_privacy(scenario, None, build_plans(scenario, _expected_hospitals(scenario)))

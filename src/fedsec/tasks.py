@@ -33,6 +33,10 @@ class Task:
         return build_model(self.model_name, self.data.input_shape, self.data.num_classes,
                            self.model_options, seed=seed)
 
+    def train_sizes(self) -> dict[str, int]:
+        """hospital name -> its number of training records."""
+        return {h: len(s) for h, s in zip(self.data.hospitals, self.data.train)}
+
     def loss(self, logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
         """Cross-entropy over classes, or BCE per label for multi-label tasks."""
         if self.multilabel:
@@ -42,6 +46,50 @@ class Task:
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [N, K] -> probabilities [N, K] (softmax, or sigmoid per label)."""
         return torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)
+
+
+@dataclass
+class NodesTask:
+    """What a deployment's server knows of the task, from the hospitals' introductions
+    (``federation.server_app.introduce_nodes``): the model's input shape and classes, each
+    hospital's name and sizes -- and no patient data. Enough to build the global model and
+    to check the privacy options; anything that needs data on the server (FLTrust's root
+    set, attack metrics that only the server computes, observers scored against the true
+    records) is refused before a deployment starts (:func:`server_data_needs`)."""
+
+    name: str
+    model_name: str
+    model_options: dict
+    hospitals: list[str]
+    input_shape: tuple[int, ...]
+    num_classes: int
+    multilabel: bool
+    sizes: dict[str, int]  # hospital name -> training records
+
+    @classmethod
+    def from_introductions(cls, scenario, intro: dict[int, dict]) -> "NodesTask":
+        """intro: hospital id -> the node's introduction (name, input-shape, num-classes,
+        multilabel, num-train). Every hospital must describe the same model input."""
+        ids = sorted(intro)
+        first = intro[ids[0]]
+        shape = tuple(int(d) for d in first["input-shape"])
+        for h in ids[1:]:
+            other = intro[h]
+            if (tuple(other["input-shape"]), other["num-classes"], other["multilabel"]) != (
+                    shape, first["num-classes"], first["multilabel"]):
+                raise FedsecError(
+                    f"hospitals {first['name']} and {other['name']} describe different data: input shape "
+                    f"{list(shape)} vs {list(other['input-shape'])}, {first['num-classes']} vs "
+                    f"{other['num-classes']} classes; every hospital must hold the same kind of records")
+        return cls(scenario.task.name, scenario.task.model, dict(scenario.task.model_options or {}),
+                   [str(intro[h]["name"]) for h in ids], shape, int(first["num-classes"]),
+                   bool(first["multilabel"]), {str(intro[h]["name"]): int(intro[h]["num-train"]) for h in ids})
+
+    def make_model(self, seed: int | None = None) -> nn.Module:
+        return build_model(self.model_name, self.input_shape, self.num_classes, self.model_options, seed=seed)
+
+    def train_sizes(self) -> dict[str, int]:
+        return dict(self.sizes)
 
 
 @dataclass(frozen=True)

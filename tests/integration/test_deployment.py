@@ -15,6 +15,7 @@ environment mark and by the SuperLink's port in any command line.
 from __future__ import annotations
 
 import json
+import functools
 import os
 import shutil
 import signal
@@ -176,10 +177,11 @@ def test_compose_tls_node_auth_secrets_and_ports():
         assert "file" in s
 
 
-def _compose_cli() -> list[str] | None:
+@functools.lru_cache(maxsize=None)  # asked once: the skip decision and the test use the same answer
+def _compose_cli() -> tuple[str, ...] | None:
     for cmd in (["docker", "compose"], ["docker-compose"]):
         if shutil.which(cmd[0]) and subprocess.run([*cmd, "version"], capture_output=True).returncode == 0:
-            return cmd
+            return tuple(cmd)
     return None
 
 
@@ -192,7 +194,7 @@ def test_compose_config_is_valid(tmp_path):
     env = {**os.environ, "FEDSEC_CERTS": str(pki), "FEDSEC_DATA": str(tmp_path / "data"),
            "FEDSEC_RESULTS": str(tmp_path / "results")}
     cli, compose = _compose_cli(), COMPOSE
-    if cli == ["docker-compose"]:
+    if cli == ("docker-compose",):
         # Debian's docker-compose is v1 (1.29): it validates against the Compose 3.9 schema,
         # which needs a `version` key and predates the top-level `name`. Lint a copy without
         # `name` and with `version: "3.9"`; everything else (services, secrets, profiles,

@@ -173,20 +173,27 @@ class Backdoor(Attack):
         return scaled_params(global_params, local_params, parse_factor(self, "boost", ctx), self.norm_bound)
 
     def evaluate(self, model, test: Split, ctx: AttackContext) -> dict:
+        """``asr`` over ``test``: see :meth:`evaluate_records`."""
+        return self.mean_of_records(self.evaluate_records(model, test, ctx))
+
+    def evaluate_records(self, model, test: Split, ctx: AttackContext) -> dict[str, torch.Tensor]:
         """``asr``: share of triggered test inputs whose true label is not ``target`` that the
         model classifies as ``target`` (multi-label: inputs without the target label whose
-        target logit becomes > 0). NaN when every test input already has the target label."""
+        target logit becomes > 0); per record 1.0 / 0.0, NaN for inputs that already have the
+        target label. NaN overall when every test input already has the target label."""
         multilabel = test.y.dim() == 2
         keep = test.y[:, self.target] < 0.5 if multilabel else test.y != self.target
+        out = torch.full((len(test.y),), float("nan"), dtype=torch.float64)
         x = test.x[keep]
         if len(x) == 0:
-            return {"asr": float("nan")}
+            return {"asr": out}
         triggered = self.apply_trigger(x, ctx)
         if multilabel:
             hits = model_logits(model, triggered)[:, self.target] > 0
         else:
             hits = predict_labels(model, triggered) == self.target
-        return {"asr": float(hits.float().mean())}
+        out[keep] = hits.double()
+        return {"asr": out}
 
 
 @ATTACKS.register()

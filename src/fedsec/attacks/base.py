@@ -83,7 +83,7 @@ class AttackSpec:
     success_wording: str | None
 
 
-HOOKS = ("poison_data", "poison_update", "collude", "observe", "evaluate")
+HOOKS = ("poison_data", "poison_update", "collude", "observe", "evaluate", "evaluate_records")
 
 
 class Attack:
@@ -202,3 +202,23 @@ class Attack:
     def evaluate(self, model: torch.nn.Module, test: Split, ctx: AttackContext) -> dict:
         """Attack metrics on the global model (e.g. {"asr": 0.97}); called every round."""
         return {}
+
+    # --- either side: an attack metric the hospitals compute on their own test records ----
+    def evaluate_records(self, model: torch.nn.Module, test: Split, ctx: AttackContext) -> dict[str, torch.Tensor]:
+        """Per-record outcomes of the attack on ``test``: metric name -> Tensor[len(test)] float,
+        NaN for records the metric does not count. The metric is the mean over the non-NaN
+        records of every evaluated hospital's test split, so each hospital computes its
+        share on its own records (EVALUATE message) and the server only averages: no test
+        data on the server, and the same number as evaluating the union at once. An attack
+        implementing this need not implement :meth:`evaluate`."""
+        return {}
+
+    @staticmethod
+    def mean_of_records(records: dict[str, torch.Tensor]) -> dict[str, float]:
+        """metric -> nanmean of its per-record outcomes (NaN when no record counts)."""
+        out = {}
+        for k, v in records.items():
+            v = v.double()
+            keep = ~torch.isnan(v)
+            out[k] = float(v[keep].mean()) if bool(keep.any()) else float("nan")
+        return out

@@ -100,3 +100,27 @@ def forge_updates(plans: list[AttackPlan], server_round: int, hospitals: list[in
             updates[mal_rows] = forged.to(updates.dtype)
             rewritten.update(mal_rows)
     return sorted(rewritten)
+
+
+def server_data_needs(scenario) -> list[str]:
+    """What in ``scenario`` needs patient data on the server, one sentence each (empty: none).
+
+    A deployment's server holds no hospital data, so each of these is refused before a
+    deployment starts. Attack metrics that the hospitals can compute on their own test
+    records (``evaluate_records``, e.g. a backdoor's success rate) are not on the list: they
+    are evaluated federated, like the model's metrics."""
+    from fedsec.registry import RULES
+
+    needs = []
+    for i, p in enumerate(build_plans(scenario, scenario.federation.hospitals or 2)):
+        if p.has("observe"):
+            needs.append(f"attacks[{i}] ({p.name}) is an observer scored against the hospitals' true records, "
+                         "which only a simulation has")
+        elif p.has("evaluate") and not p.has("evaluate_records"):
+            needs.append(f"attacks[{i}] ({p.name}) is evaluated by the server on the hospitals' records "
+                         "(its metric cannot be computed on each hospital's own test data)")
+    spec = scenario.strategy if isinstance(scenario.strategy, dict) else {"rule": scenario.strategy}
+    rule = spec.get("rule") or "fedavg"
+    if rule in RULES.names() and RULES.get(rule).spec().needs_root_data:
+        needs.append(f"strategy '{rule}' trains on a clean root set kept on the server")
+    return needs

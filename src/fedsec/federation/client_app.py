@@ -54,11 +54,15 @@ def load_context(config: ConfigRecord, context: Context):
             _POISONED.clear()
         # the server's scenario text is untrusted input here too: the same bounded parser
         scenario = load_scenario(parse_yaml_text(text, "the server's scenario"))
-        if data_path:  # deployment: this node's own data file replaces the scenario's path
+        total = None
+        if data_path:  # deployment: this node's own data replaces the scenario's path
             scenario.task.path = str(data_path)
+            total = _own_site_only(scenario, context)
         _threads(scenario.engine.num_cpus)
         task = build_task(scenario)
-        plans = build_plans(scenario, task.data.num_hospitals)
+        # the federation's size, not the node's: who is malicious is drawn over every hospital
+        task.data.info["federation_size"] = total or task.data.num_hospitals
+        plans = build_plans(scenario, federation_size(task))
         _CACHE[key] = (scenario, task, plans)
     scenario, task, plans = _CACHE[key]
     hospital = int(context.node_config.get("partition-id", 0))
@@ -69,6 +73,30 @@ def load_context(config: ConfigRecord, context: Context):
     if not 0 <= hospital_index < task.data.num_hospitals:
         raise ValueError(f"partition-id {hospital} but the scenario has {task.data.num_hospitals} hospitals")
     return scenario, task, plans, hospital, hospital_index
+
+
+def federation_size(task) -> int:
+    """How many hospitals the federation has (a deployment node holds only its own)."""
+    return int(task.data.info.get("federation_size", task.data.num_hospitals))
+
+
+def _own_site_only(scenario, context: Context) -> int | None:
+    """A deployment node of a natural split whose sites the task names (heart disease's four
+    hospitals): read only this hospital's own file from its data folder, not every site's.
+    -> the federation's number of hospitals (None when the node's data is used as given)."""
+    from fedsec.registry import TASKS
+
+    fed = scenario.federation
+    if str(dict(fed.partition).get("name", "natural")) != "natural":
+        return None
+    sites = list(fed.sites or TASKS.get(scenario.task.name).spec.sites or [])
+    if not sites:
+        return None
+    pid = int(context.node_config.get("partition-id", 0))
+    if not 0 <= pid < len(sites):
+        raise ValueError(f"partition-id {pid} but the scenario has {len(sites)} hospitals")
+    fed.sites = [sites[pid]]
+    return len(sites)
 
 
 def _device(scenario) -> torch.device:
@@ -85,11 +113,16 @@ def _seed(*parts: int) -> int:
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Introduce the node: which hospital it is and how much data it holds."""
+    """Introduce the node: which hospital it is, how much data it holds and what one record
+    looks like to the model (input shape, classes) -- all a deployment's server, which holds
+    no patient data, needs to build the global model."""
     scenario, task, _, hospital, idx = load_context(msg.content["config"], context)
     metrics = MetricRecord({"hospital": hospital, "num-train": len(task.data.train[idx]),
-                            "num-test": len(task.data.test[idx]), "pid": os.getpid()})
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+                            "num-test": len(task.data.test[idx]), "pid": os.getpid(),
+                            "num-classes": int(task.data.num_classes), "multilabel": int(task.data.multilabel)})
+    about = ConfigRecord({"name": str(task.data.hospitals[idx]),
+                          "input-shape": [int(d) for d in task.data.input_shape]})
+    return Message(content=RecordDict({"metrics": metrics, "config": about}), reply_to=msg)
 
 
 @app.train(mods=[secagg_mod, clipping_mod])
@@ -115,7 +148,7 @@ def train(msg: Message, context: Context) -> Message:
             cache_key = (id(p.attack), hospital)
             if cache_key not in _POISONED:
                 rng = np.random.default_rng([scenario.seed, hospital, p.index])
-                ctx = AttackContext(server_round, hospital, p.hospitals, task.data.num_hospitals, task,
+                ctx = AttackContext(server_round, hospital, p.hospitals, federation_size(task), task,
                                     torch.Generator().manual_seed(seed))
                 _POISONED[cache_key] = p.attack.poison_data(data, rng, ctx)
             data = _POISONED[cache_key]
@@ -138,7 +171,7 @@ def train(msg: Message, context: Context) -> Message:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     for p in active:
         if p.has("poison_update"):
-            ctx = AttackContext(server_round, hospital, p.hospitals, task.data.num_hospitals, task,
+            ctx = AttackContext(server_round, hospital, p.hospitals, federation_size(task), task,
                                 torch.Generator().manual_seed(seed + 1),
                                 participants=[int(h) for h in config.get("train-hospitals", [])] or None)
             g = flatten_state(global_state)
@@ -163,11 +196,24 @@ def evaluate(msg: Message, context: Context) -> Message:
     from fedsec.core.training import predict
 
     config = msg.content["config"]
-    scenario, task, _, hospital, idx = load_context(config, context)
+    scenario, task, plans, hospital, idx = load_context(config, context)
     model = task.make_model()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     test = task.data.test[idx]
     scores, loss = predict(model, test, task, _device(scenario))
     metrics = MetricRecord({"num-examples": len(test), "hospital": hospital, "loss": loss})
     preds = ArrayRecord({"scores": Array(scores.numpy()), "labels": Array(test.y.numpy())})
-    return Message(content=RecordDict({"metrics": metrics, "predictions": preds}), reply_to=msg)
+    content = RecordDict({"metrics": metrics, "predictions": preds})
+    # attack metrics computed on this hospital's own test records (a backdoor's success):
+    # per-record outcomes, averaged over every hospital's records by the server
+    records = {}
+    model.eval()
+    for p in plans:
+        if p.has("evaluate_records"):
+            ctx = AttackContext(int(config["server-round"]), hospital, p.hospitals, federation_size(task), task, None)
+            with torch.no_grad():
+                for k, v in p.attack.evaluate_records(model, test, ctx).items():
+                    records[f"{p.index}/{k}"] = Array(v.double().numpy())
+    if records:
+        content["attack-records"] = ArrayRecord(records)
+    return Message(content=content, reply_to=msg)

@@ -629,14 +629,35 @@ def fab_hash(app_dir: str | os.PathLike) -> str:
 
 
 def _hospital_names(scenario) -> list[str]:
-    """The hospitals in the order of their partition-ids, as the simulation names them."""
-    fed = scenario.federation
-    if fed.sites and str(dict(fed.partition).get("name", "natural")) == "natural":
-        return [str(s) for s in fed.sites]  # a natural split: one hospital per listed site
-    from fedsec.runner import hospital_names  # other splits: as the task defines them
-    from fedsec.tasks import build_task
+    """The hospitals in the order of their partition-ids, as the simulation names them,
+    read from the scenario alone: the operator's machine need not hold any patient data
+    (the nodes introduce themselves by these names when the run starts)."""
+    from fedsec.registry import TASKS
 
-    return list(hospital_names(scenario, build_task(scenario)))
+    fed = scenario.federation
+    natural = str(dict(fed.partition).get("name", "natural")) == "natural"
+    if fed.sites and natural:
+        return [str(s) for s in fed.sites]  # a natural split: one hospital per listed site
+    spec = TASKS.get(scenario.task.name, key="task.name").spec
+    if natural and spec.sites:
+        return list(spec.sites)
+    if natural:
+        raise FedsecError(f"federation.sites: task '{scenario.task.name}' takes its hospitals from the data; a "
+                          "deployment needs them listed (federation.sites), in the order of the partition-ids")
+    if fed.hospitals is None:
+        raise FedsecError("federation.hospitals: a deployment needs the number of hospitals")
+    return [f"hospital_{i}" for i in range(int(fed.hospitals))]
+
+
+def check_deployable(scenario) -> None:
+    """Refuse, before any node starts, what needs patient data on the server: a
+    deployment's server holds none (``adversary.server_data_needs``)."""
+    from fedsec.federation.adversary import server_data_needs
+
+    needs = server_data_needs(scenario)
+    if needs:
+        raise FedsecError("a deployment's server holds no patient data, but " + "; ".join(needs)
+                          + " -- run this scenario in simulation (fedsec run)")
 
 
 def deploy(
@@ -668,6 +689,7 @@ def deploy(
     if not path.is_file():
         raise FedsecError(f"{scenario_path}: scenario file not found")
     scenario = load_scenario(str(path), ov or None)  # fail fast on an invalid scenario
+    check_deployable(scenario)
     app = Path(app_dir).resolve() if app_dir else default_app_dir()
     names = _hospital_names(scenario)
     if data_paths is not None and not isinstance(data_paths, Mapping):

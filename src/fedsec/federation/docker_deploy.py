@@ -547,7 +547,7 @@ def deploy_docker(scenario_path: str | os.PathLike, overrides: Sequence[str] | s
     The results folder (``out`` or ``runs/<scenario>/<time>-<hash>/``) is copied out of the
     SuperLink container, with ``deployment/`` holding every container's log.
     """
-    from fedsec.federation.deployment import _hospital_names
+    from fedsec.federation.deployment import _hospital_names, check_deployable
     from fedsec.results import RunDir
     from fedsec.scenario import load_scenario
 
@@ -560,6 +560,7 @@ def deploy_docker(scenario_path: str | os.PathLike, overrides: Sequence[str] | s
     if not path.is_file():
         raise FedsecError(f"{scenario_path}: scenario file not found")
     scenario = load_scenario(str(path), ov or None)
+    check_deployable(scenario)
     names = _hospital_names(scenario)
     nodes = [NodeSpec(i, name) for i, name in enumerate(names)]
     run_dir = (Path(out) if out else RunDir.for_scenario(scenario, None).path).resolve()

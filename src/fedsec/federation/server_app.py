@@ -93,19 +93,30 @@ class ServerRound:
     forged: list[int] = field(default_factory=list)
 
 
-class ServerTask:
-    """The server's own copy of the task, built only when something needs it (attack
-    evaluation on triggered test data, observers' scoring in simulation)."""
+def _server_data_needs(scenario) -> list[str]:
+    from fedsec.federation.adversary import server_data_needs
 
-    def __init__(self, scenario, task=None):
-        self.scenario, self._task = scenario, task
+    return server_data_needs(scenario)
+
+
+class ServerTask:
+    """The task as the server holds it: in simulation the built task (observers' scoring,
+    membership evaluation, FLTrust's root set); in a deployment none (no patient data)."""
+
+    def __init__(self, scenario, task=None, holds_data: bool = True):
+        self.scenario, self._task, self.holds_data = scenario, task, holds_data
 
     @property
     def task(self):
-        if self._task is None:
+        if self._task is None and self.holds_data:  # simulation: built when first needed
             from fedsec.tasks import build_task
 
             self._task = build_task(self.scenario)
+        if self._task is None:
+            # a deployment's server holds no patient data; what would need it is refused before
+            # the deployment starts (fedsec.federation.adversary.server_data_needs)
+            raise FedsecError("this step needs the task's data on the server, which a deployment's server does "
+                              "not hold: " + ("; ".join(_server_data_needs(self.scenario)) or "unknown step"))
         return self._task
 
 
@@ -520,6 +531,7 @@ class FedsecStrategy(FedAvg):
         union = classification_metrics(torch.cat(all_scores), torch.cat(all_labels),
                                        sum(losses) / max(sum(counts), 1), multilabel)
         attack_metrics = dict(self._train_info.get("attack", {}))
+        attack_metrics.update(self._pool_attack_records(valid))
         with self._server_rng(r):
             attack_metrics.update(self._evaluate_attacks(r))
         record = {
@@ -547,8 +559,36 @@ class FedsecStrategy(FedAvg):
         labels = valid[0].content["predictions"]["labels"].numpy()
         return labels.ndim == 2
 
+    def _metric_name(self, plan: AttackPlan, metric: str) -> str:
+        with_metrics = [p for p in self.plans if p.has("evaluate") or p.has("evaluate_records")]
+        return metric if len(with_metrics) == 1 else f"{plan.name}.{metric}"
+
+    def _pool_attack_records(self, valid: list[Message]) -> dict:
+        """Attack metrics the hospitals computed on their own test records (``evaluate_records``):
+        each metric is the mean over every evaluated hospital's records that count (non-NaN)."""
+        plans = [p for p in self.plans if p.has("evaluate_records")]
+        if not plans:
+            return {}
+        from fedsec.attacks.base import Attack
+
+        pooled: dict[str, list[torch.Tensor]] = {}
+        for m in valid:  # sorted by hospital id
+            rec = m.content.array_records.get("attack-records")
+            for key, arr in (rec.items() if rec is not None else []):
+                pooled.setdefault(key, []).append(torch.from_numpy(arr.numpy()))
+        out = {}
+        for p in plans:
+            for key, parts in pooled.items():
+                index, _, metric = key.partition("/")
+                if index == str(p.index):
+                    out.update({self._metric_name(p, k): v
+                                for k, v in Attack.mean_of_records({metric: torch.cat(parts)}).items()})
+        return out
+
     def _evaluate_attacks(self, r: int) -> dict:
-        plans = [p for p in self.plans if p.has("evaluate")]
+        """Attack metrics only the server can compute (``evaluate`` without
+        ``evaluate_records``: membership inference scored against who trained on what)."""
+        plans = [p for p in self.plans if p.has("evaluate") and not p.has("evaluate_records")]
         if not plans:
             return {}
         task = self.server_task.task
@@ -561,8 +601,7 @@ class FedsecStrategy(FedAvg):
                                 extra={**self._observer_extra(), "members": dict(enumerate(task.data.train)),
                                        "non_members": dict(enumerate(task.data.test))})
             res = p.attack.evaluate(model, task.data.union_test(), ctx) or {}
-            prefix = "" if len(plans) == 1 else f"{p.name}."
-            out.update({f"{prefix}{k}": v for k, v in res.items()})
+            out.update({self._metric_name(p, k): v for k, v in res.items()})
         return out
 
 
@@ -574,8 +613,9 @@ class FedsecStrategy(FedAvg):
 def introduce_nodes(grid: Grid, scenario_text: str, expected: int | None, timeout: float) -> tuple[dict, dict]:
     """Wait for the hospitals' nodes and ask each which hospital it is.
 
-    -> (node id -> hospital id, hospital id -> {num-train, num-test}). Fails naming the
-    hospitals that did not join within ``timeout`` seconds.
+    -> (node id -> hospital id, hospital id -> its introduction: num-train, num-test, name,
+    input-shape, num-classes, multilabel). Fails naming the hospitals that did not join
+    within ``timeout`` seconds.
     """
     t0 = time.time()
     while True:
@@ -597,8 +637,12 @@ def introduce_nodes(grid: Grid, scenario_text: str, expected: int | None, timeou
             errors.append(f"two nodes claim partition-id {h}")
             continue
         mapping[m.metadata.src_node_id] = h
-        sizes[h] = {"num-train": int(m.content["metrics"]["num-train"]),
-                    "num-test": int(m.content["metrics"]["num-test"])}
+        metrics = m.content["metrics"]
+        about = m.content.config_records.get("config")
+        sizes[h] = {"num-train": int(metrics["num-train"]), "num-test": int(metrics["num-test"]),
+                    "num-classes": int(metrics.get("num-classes", 0)), "multilabel": bool(metrics.get("multilabel", 0)),
+                    "name": str(about["name"]) if about is not None and "name" in about else f"hospital-{h}",
+                    "input-shape": [int(d) for d in about["input-shape"]] if about is not None else []}
     if errors:
         raise FedsecError("hospital nodes failed to start:\n  " + "\n  ".join(errors))
     if expected is not None:
@@ -609,23 +653,40 @@ def introduce_nodes(grid: Grid, scenario_text: str, expected: int | None, timeou
     return mapping, sizes
 
 
-def serve(grid: Grid, scenario, hospitals: list[str], run_dir=None, on_round=None, task=None,
+def serve(grid: Grid, scenario, hospitals: list[str] | None = None, run_dir=None, on_round=None, task=None,
           initial_state: dict | None = None, round_offset: int = 0,
-          server_state: dict | None = None) -> FedsecStrategy:
+          server_state: dict | None = None, num_hospitals: int | None = None,
+          on_introduced: Callable[[object], None] | None = None) -> FedsecStrategy:
     """Run the scenario's rounds (after ``round_offset`` finished ones) on ``grid``.
 
+    Simulation passes the built ``task`` and the ``hospitals``' names. A deployment's
+    server holds no patient data: it passes neither, and the hospitals' introductions give
+    their names and the model's input (``fedsec.tasks.NodesTask``); ``num_hospitals`` is
+    then how many nodes to wait for. ``on_introduced(task)``: called once the hospitals
+    are known, before the first round (the deployment checks its privacy options there).
     initial_state: the global model to start from. server_state: the checkpoint's
     ``FedsecStrategy.state_dict()`` when resuming (rule, attacks, central DP)."""
     from fedsec.federation.adversary import build_plans
 
     scenario_text = scenario.to_yaml()
-    n = len(hospitals)
+    n = len(hospitals) if hospitals is not None else num_hospitals
+    if n is None:
+        raise FedsecError("serve: give the hospitals' names or how many hospital nodes to wait for")
     if hasattr(grid, "pull_interval"):
         # Flower's in-memory (simulation) grid polls for replies every 0.1 s; with two
         # exchanges per round that polling was most of a small task's per-round cost.
         grid.pull_interval = min(float(grid.pull_interval), 0.01)
     mapping, sizes = introduce_nodes(grid, scenario_text, n, scenario.federation.timeout_s)
-    server_task = ServerTask(scenario, task)
+    if task is None:
+        from fedsec.tasks import NodesTask
+
+        model_task = NodesTask.from_introductions(scenario, sizes)
+        hospitals = model_task.hospitals if hospitals is None else hospitals
+    else:
+        model_task = task
+    if on_introduced is not None:
+        on_introduced(model_task)
+    server_task = ServerTask(scenario, task, holds_data=task is not None)
     plans = build_plans(scenario, n)
     strategy = FedsecStrategy(scenario, hospitals, plans, server_task, run_dir, on_round, round_offset)
     strategy.bind_nodes(mapping)
@@ -637,7 +698,7 @@ def serve(grid: Grid, scenario, hospitals: list[str], run_dir=None, on_round=Non
     if server_state is not None:
         strategy.load_state_dict(server_state)
     if initial_state is None:
-        initial_state = server_task.task.make_model(seed=scenario.seed).state_dict()
+        initial_state = model_task.make_model(seed=scenario.seed).state_dict()
     remaining = scenario.federation.rounds - round_offset
     if remaining > 0:
         config = ConfigRecord({"scenario": scenario_text})
@@ -656,4 +717,5 @@ def main(grid: Grid, context: Context) -> None:
     from fedsec.runner import run_on_grid
 
     cfg = context.run_config
-    run_on_grid(grid, str(cfg.get("scenario", "")), str(cfg.get("overrides", "")), str(cfg.get("out", "")))
+    run_on_grid(grid, str(cfg.get("scenario", "")), str(cfg.get("overrides", "")), str(cfg.get("out", "")),
+                resume=bool(cfg.get("resume", False)))

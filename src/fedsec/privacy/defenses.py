@@ -31,7 +31,9 @@ def _rule(scenario):
 def check_privacy(scenario, task=None, plans=None) -> None:
     """Raise FedsecError for an invalid or contradictory ``privacy`` block.
 
-    task: the built Task, to check that Opacus can train its model (optional). plans: the
+    task: the built Task (or, in a deployment, the ``NodesTask`` the hospitals described),
+    to check that Opacus can train its model and delta against each hospital's size
+    (optional). plans: the
     attack plans (fedsec.federation.adversary.build_plans), to refuse server-side collusion
     under secure aggregation (optional)."""
     p = scenario.privacy
@@ -45,7 +47,7 @@ def check_privacy(scenario, task=None, plans=None) -> None:
         dp = DPConfig.parse(p.dp_sgd)
         if task is not None:
             check_model(task.make_model(), scenario.task.model)
-            check_delta(dp, {h: len(s) for h, s in zip(task.data.hospitals, task.data.train)})
+            check_delta(dp, task.train_sizes())
     if p.central_dp:
         from fedsec.privacy.central_dp import (
             CentralDPConfig,
@@ -58,7 +60,7 @@ def check_privacy(scenario, task=None, plans=None) -> None:
         cfg = CentralDPConfig.parse(p.central_dp)
         check_central_dp_compatible(rule)
         if task is not None:
-            h = task.data.num_hospitals
+            h = len(task.train_sizes())
             m = num_sampled(fed.fraction_train, h)
             z = cfg.noise_multiplier
             if z is None:
@@ -74,7 +76,7 @@ def check_privacy(scenario, task=None, plans=None) -> None:
 
         SecAggConfig.parse(p.secure_aggregation)
         check_secagg_compatible(rule, plans or ())
-        if task is not None and num_sampled(fed.fraction_train, task.data.num_hospitals) < 2:
+        if task is not None and num_sampled(fed.fraction_train, len(task.train_sizes())) < 2:
             raise FedsecError("privacy.secure_aggregation needs at least 2 hospitals per round; raise "
                               "federation.fraction_train")
     if p.compression:
