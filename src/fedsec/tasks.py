@@ -131,6 +131,8 @@ _IMAGING_OPTIONS = {"root_fraction": "share of the training data the server keep
                     "image_size": "resize images to this side (pixels)",
                     "merge_val": "add the official validation split to training"}
 _EHR_OPTIONS = {"normalize": "standardise features (statistics of the training split)",
+                "feature_stats": "the pooled {mean, std} per feature to standardise with (a deployment's "
+                                 "server sets it from the hospitals' moments)",
                 "test_fraction": "share of each hospital's records held out for testing"}
 
 
@@ -170,7 +172,7 @@ def build_ehr_csv(scenario) -> FederatedDataset:
     if not scenario.task.path:
         raise FedsecError("task.path: the ehr_csv task needs the path of a CSV file")
     opts = _options(scenario)
-    fed_opts = {k: opts.pop(k) for k in ("normalize", "test_fraction") if k in opts}
+    fed_opts = {k: opts.pop(k) for k in ("normalize", "test_fraction", "feature_stats") if k in opts}
     feats, labs, names, features, classes = read_ehr_csv(Path(scenario.task.path).expanduser(), **opts)
     if scenario.federation.sites:
         missing = [s for s in scenario.federation.sites if s not in names]

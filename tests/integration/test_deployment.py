@@ -508,3 +508,28 @@ def test_quickstart_secure_deployment_matches_simulation(simulated, tmp_path):
     assert summary["deployment"]["mode"] == "secure"
     assert (out / "deployment" / "flwr-cli.log").read_text().count("supernode register") == 2
     assert "--enable-supernode-auth" in (out / "deployment" / "superlink.log").read_text()
+
+
+@deployment
+def test_hospitals_holding_only_their_own_file_match_simulation(simulated, tmp_path):
+    """Each hospital's node is given a folder with its own UCI file only (node config
+    data-path): it reads no other site's records, sends the server only its training
+    features' count, mean and M2, and standardises with the pooled statistics the server
+    combined from them -- the numbers equal the simulation's, which holds every row."""
+    from fedsec.data.heart import FILES_DIR, SITES
+    from fedsec.federation.deployment import deploy
+
+    folders = {}
+    for i, site in enumerate(("cleveland", "hungary")):
+        d = tmp_path / "data" / site
+        d.mkdir(parents=True)
+        shutil.copyfile(FILES_DIR / SITES[site], d / SITES[site])
+        folders[i] = str(d)
+    out = tmp_path / "run"
+    summary = deploy(str(QUICKSTART), ["federation.rounds=2"], out=str(out), data_paths=folders)
+    _check_results_folder(summary, out, 2)
+    _close(summary["final"], simulated["_rounds"][1]["global"], "final after 2 rounds")
+    for h in ("cleveland", "hungary"):
+        _close(summary["per_hospital"][h], simulated["_rounds"][1]["per_hospital"][h], h)
+    client_log = (out / "deployment" / "clientapp-hungary.log").read_text()
+    assert "processed.cleveland.data" not in client_log  # hungary never looked for cleveland's file

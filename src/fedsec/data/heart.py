@@ -56,7 +56,8 @@ def read_site(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_heart_disease(sites: list[str] | None = None, data_dir: str | Path | None = None,
-                       normalize: str = "pooled", test_fraction: float = 0.34) -> FederatedDataset:
+                       normalize: str = "pooled", test_fraction: float = 0.34,
+                       feature_stats: dict | None = None) -> FederatedDataset:
     """The natural four-hospital split (or the named ``sites``), one hospital per source."""
     data_dir = Path(data_dir) if data_dir else FILES_DIR
     sites = list(sites) if sites else list(SITES)
@@ -68,4 +69,4 @@ def load_heart_disease(sites: list[str] | None = None, data_dir: str | Path | No
         feats.append(x)
         labs.append(y)
     return federate_table(feats, labs, sites, FEATURES, ["no disease", "disease"],
-                          test_fraction=test_fraction, normalize=normalize)
+                          test_fraction=test_fraction, normalize=normalize, feature_stats=feature_stats)

@@ -41,12 +41,18 @@ def federate_table(
     test_fraction: float = 0.34,
     normalize: str = "pooled",
     split_seed: int = SPLIT_SEED,
+    feature_stats: dict | None = None,
 ) -> FederatedDataset:
     """features[i]: float [n_i, F] of hospital i (no missing values); labels[i]: int [n_i].
 
     normalize: 'pooled' standardises with the mean/std of all hospitals' *training* rows
     (what a consortium computes once with a secure sum; FLamby's choice), 'site' with each
     hospital's own training rows, 'none' leaves values as they are.
+    feature_stats: ``{"mean": [F], "std": [F]}``, the pooled statistics given (a deployment
+    node holding only its own rows gets them from the server, which combined every
+    hospital's moments: :func:`pooled_moments`); 'pooled' then uses them as they are.
+    The dataset's ``info["train_moments"]`` holds each hospital's (count, mean, M2) of its
+    raw training rows, the only thing a hospital shares for pooled statistics.
     """
     if normalize not in ("pooled", "site", "none"):
         raise DataError(f"normalize must be 'pooled', 'site' or 'none', got '{normalize}'")
@@ -56,9 +62,13 @@ def federate_table(
             raise DataError(f"hospital '{name}' has {len(x)} usable rows; at least 2 are needed")
         tr, te = train_test_indices(len(x), test_fraction, split_seed)
         parts.append((x[tr], y[tr], x[te], y[te]))
+    moments = [moments_of(p[0]) for p in parts]
     if normalize == "pooled":
-        all_train = np.concatenate([p[0] for p in parts])
-        stats = [(all_train.mean(0), all_train.std(0))] * len(parts)
+        if feature_stats is not None:
+            mean, std = _given_stats(feature_stats, features[0].shape[1])
+        else:
+            mean, std = stats_from_moments(moments)
+        stats = [(mean, std)] * len(parts)
     elif normalize == "site":
         stats = [(p[0].mean(0), p[0].std(0)) for p in parts]
     else:
@@ -72,7 +82,46 @@ def federate_table(
         hospitals=list(hospitals), train=train, test=test, num_classes=len(class_names),
         input_shape=(len(feature_names),), class_names=list(class_names),
         feature_names=list(feature_names), modality="tabular",
+        info={"train_moments": [{"n": n, "mean": m.tolist(), "m2": m2.tolist()} for n, m, m2 in moments]},
     )
+
+
+def moments_of(x: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """Rows [n, F] -> (n, mean [F], M2 [F]: the sum of squared deviations from the mean)."""
+    mean = x.mean(0)
+    return len(x), mean, ((x - mean) ** 2).sum(0)
+
+
+def stats_from_moments(moments) -> tuple[np.ndarray, np.ndarray]:
+    """Every hospital's (n, mean, M2), in hospital order -> the pooled (mean, population std),
+    combined pairwise (Chan, Golub & LeVeque 1979), so that the server of a deployment, which
+    sees only these moments, computes exactly what a simulation holding every row does."""
+    n, mean, m2 = 0, None, None
+    for nb, mb, m2b in moments:
+        mb, m2b = np.asarray(mb, dtype=np.float64), np.asarray(m2b, dtype=np.float64)
+        if mean is None:
+            n, mean, m2 = int(nb), mb.copy(), m2b.copy()
+            continue
+        total = n + int(nb)
+        delta = mb - mean
+        mean = mean + delta * (int(nb) / total)
+        m2 = m2 + m2b + delta ** 2 * (n * int(nb) / total)
+        n = total
+    return mean, np.sqrt(m2 / n)
+
+
+def _given_stats(stats: dict, num_features: int) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        mean = np.asarray(stats["mean"], dtype=np.float64)
+        std = np.asarray(stats["std"], dtype=np.float64)
+    except (KeyError, TypeError, ValueError) as err:
+        raise DataError(f"task.options.feature_stats: expected {{mean: [...], std: [...]}} ({err})") from None
+    if mean.shape != (num_features,) or std.shape != (num_features,):
+        raise DataError(f"task.options.feature_stats: mean and std need {num_features} values each, got "
+                        f"{mean.size} and {std.size}")
+    if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std >= 0).all()):
+        raise DataError("task.options.feature_stats: values must be finite and std >= 0")
+    return mean, std
 
 
 def read_ehr_csv(

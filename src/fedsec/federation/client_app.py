@@ -62,6 +62,7 @@ def load_context(config: ConfigRecord, context: Context):
         task = build_task(scenario)
         # the federation's size, not the node's: who is malicious is drawn over every hospital
         task.data.info["federation_size"] = total or task.data.num_hospitals
+        task.data.info["own_data"] = bool(data_path)
         plans = build_plans(scenario, federation_size(task))
         _CACHE[key] = (scenario, task, plans)
     scenario, task, plans = _CACHE[key]
@@ -122,6 +123,14 @@ def query(msg: Message, context: Context) -> Message:
                             "num-classes": int(task.data.num_classes), "multilabel": int(task.data.multilabel)})
     about = ConfigRecord({"name": str(task.data.hospitals[idx]),
                           "input-shape": [int(d) for d in task.data.input_shape]})
+    moments = task.data.info.get("train_moments")
+    if task.data.info.get("own_data") and moments and task.data.num_hospitals == 1:
+        # a node holding only its own rows: its training features' count, mean and M2, from
+        # which the server computes the pooled statistics every hospital standardises with
+        own = moments[0]
+        metrics["train-n"] = int(own["n"])
+        metrics["train-mean"] = [float(v) for v in own["mean"]]
+        metrics["train-m2"] = [float(v) for v in own["m2"]]
     return Message(content=RecordDict({"metrics": metrics, "config": about}), reply_to=msg)
 
 

@@ -639,7 +639,10 @@ def introduce_nodes(grid: Grid, scenario_text: str, expected: int | None, timeou
         mapping[m.metadata.src_node_id] = h
         metrics = m.content["metrics"]
         about = m.content.config_records.get("config")
-        sizes[h] = {"num-train": int(metrics["num-train"]), "num-test": int(metrics["num-test"]),
+        if "train-n" in metrics:
+            sizes.setdefault(h, {})["moments"] = (int(metrics["train-n"]), list(metrics["train-mean"]),
+                                                  list(metrics["train-m2"]))
+        sizes[h] = {**sizes.get(h, {}), "num-train": int(metrics["num-train"]), "num-test": int(metrics["num-test"]),
                     "num-classes": int(metrics.get("num-classes", 0)), "multilabel": bool(metrics.get("multilabel", 0)),
                     "name": str(about["name"]) if about is not None and "name" in about else f"hospital-{h}",
                     "input-shape": [int(d) for d in about["input-shape"]] if about is not None else []}
@@ -680,6 +683,8 @@ def serve(grid: Grid, scenario, hospitals: list[str] | None = None, run_dir=None
     if task is None:
         from fedsec.tasks import NodesTask
 
+        if _pool_feature_stats(scenario, sizes):
+            scenario_text = scenario.to_yaml()  # every hospital now standardises with the pooled statistics
         model_task = NodesTask.from_introductions(scenario, sizes)
         hospitals = model_task.hospitals if hospitals is None else hospitals
     else:
@@ -706,6 +711,25 @@ def serve(grid: Grid, scenario, hospitals: list[str] | None = None, run_dir=None
                        timeout=scenario.federation.timeout_s, train_config=config,
                        evaluate_config=ConfigRecord({"scenario": scenario_text}))
     return strategy
+
+
+def _pool_feature_stats(scenario, intro: dict[int, dict]) -> bool:
+    """A deployment whose hospitals each hold only their own rows, on a task standardised
+    with pooled statistics (heart disease, ehr_csv): combine the moments the hospitals sent
+    in their introductions (count, mean, M2 of their training features: no record leaves a
+    hospital) into ``task.options.feature_stats``, exactly what a simulation holding every
+    row computes. -> True when the scenario changed."""
+    opts = dict(scenario.task.options or {})
+    if not intro or "feature_stats" in opts or opts.get("normalize", "pooled") != "pooled":
+        return False
+    if not all("moments" in intro[h] for h in intro):
+        return False
+    from fedsec.data.tabular import stats_from_moments
+
+    mean, std = stats_from_moments([intro[h]["moments"] for h in sorted(intro)])
+    opts["feature_stats"] = {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+    scenario.task.options = opts
+    return True
 
 
 # Deployment: `flwr run . <connection>` loads this object (pyproject [tool.flwr.app.components]).
