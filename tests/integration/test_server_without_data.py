@@ -10,6 +10,7 @@ simulation of the same scenario.
 from __future__ import annotations
 
 import inspect
+import json
 
 import pytest
 
@@ -80,3 +81,17 @@ def test_nodes_describing_different_inputs_are_refused():
     t = fedsec.tasks.NodesTask.from_introductions(scenario, intro)
     assert t.hospitals == ["a", "b"] and t.train_sizes() == {"a": 10, "b": 9}
     assert sum(p.numel() for p in t.make_model(seed=0).parameters()) == 13 * 2 + 2
+
+
+def test_deployment_lifecycle_resumes_from_its_checkpoint(tmp_path):
+    """run config ``resume = true``: the ServerApp continues the run in ``out`` from its
+    checkpoint and ends where an uninterrupted run ends."""
+    out = tmp_path / "dep"
+    first = run_inline(_load(HEART), lambda g: run_on_grid(g, HEART, "federation.rounds=1", str(out)), 4)
+    assert first["rounds"] == 1
+    resumed = run_inline(_load(HEART), lambda g: run_on_grid(g, "", "federation.rounds=2", str(out), resume=True), 4)
+    whole = run_inline(_load(HEART), lambda g: run_on_grid(g, HEART, "", str(tmp_path / "whole")), 4)
+    assert resumed["rounds"] == 2 and resumed["status"] == "completed"
+    assert resumed["final"] == whole["final"] and resumed["attack"] == whole["attack"]
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
