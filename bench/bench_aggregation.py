@@ -105,15 +105,12 @@ def make_replies(updates: torch.Tensor, layers: int):
 
 
 def unpack(replies, d: int) -> torch.Tensor:
-    """Replies -> Tensor[n, d]: what a fedsec strategy does before any rule runs."""
-    out = torch.empty(len(replies), d)
-    for i, msg in enumerate(replies):
-        offset = 0
-        for array in msg.content["arrays"].values():
-            a = torch.from_numpy(array.numpy()).reshape(-1)
-            out[i, offset : offset + a.numel()] = a
-            offset += a.numel()
-    return out
+    """Replies -> Tensor[n, d]: what fedsec's server does before any rule runs (the same
+    function as ``FedsecStrategy.to_updates``)."""
+    from fedsec.core.params import stack_flat
+
+    records = [msg.content["arrays"] for msg in replies]
+    return stack_flat(records, list(records[0].keys()), d)
 
 
 def flatten(result) -> np.ndarray:

@@ -67,3 +67,31 @@ def test_pooled_baseline_sees_as_many_samples_as_a_fixed_step_federation():
     seen = 6 * 20 * s.federation.local.batch_size * 2  # rounds x steps x batch x 2 hospitals
     assert res["epochs"] == math.ceil(seen / res["train_rows"]) and res["epochs"] > 1
     assert centralised(load_scenario(QUICKSTART, ["federation.rounds=3"]))["epochs"] == 3  # rounds x epochs
+
+
+def test_stack_flat_reads_flower_arrays_in_place_and_equals_flattening():
+    import numpy as np
+    import pytest
+    from flwr.app import Array, ArrayRecord
+
+    from fedsec.core.params import flatten_state, stack_flat
+
+    rng = np.random.default_rng(0)
+    states = [{"w": torch.from_numpy(rng.normal(size=(3, 4)).astype(np.float32)),
+               "b": torch.from_numpy(rng.normal(size=5).astype(np.float32)),
+               "n": torch.tensor(7)} for _ in range(3)]
+    records = [ArrayRecord(s) for s in states]
+    g = torch.arange(17, dtype=torch.float32)
+    got = stack_flat(records, ["w", "b"], 17, minus=g)
+    want = torch.stack([flatten_state(s) for s in states]) - g
+    assert torch.equal(got, want)
+    # other dtypes are cast to float32, a Fortran-ordered array is flattened in C order
+    f64 = rng.normal(size=(3, 4))
+    odd = {"w": Array(np.asfortranarray(f64)), "b": Array(np.ones(5, dtype=np.float16))}
+    row = stack_flat([odd], ["w", "b"], 17)[0]
+    assert torch.equal(row[:12], torch.from_numpy(f64.reshape(-1).astype(np.float32)))
+    assert torch.equal(row[12:], torch.ones(5))
+    with pytest.raises(ValueError, match="record 0: 12 values, the model has 17"):
+        stack_flat([{"w": Array(f64)}], ["w"], 17)
+    with pytest.raises(ValueError, match="overruns"):
+        stack_flat([{"w": Array(f64)}], ["w"], 10)

@@ -7,8 +7,11 @@ are not averaged; they keep the global model's value.
 
 from __future__ import annotations
 
+import io
+import math
 from collections import OrderedDict
 
+import numpy as np
 import torch
 
 
@@ -20,6 +23,54 @@ def flatten_state(state: dict[str, torch.Tensor], keys: list[str] | None = None)
     """state -> Tensor[d] (float32) over ``keys`` (default: the float entries, in order)."""
     keys = float_keys(state) if keys is None else keys
     return torch.cat([torch.as_tensor(state[k]).detach().reshape(-1).float() for k in keys])
+
+
+def _flat_values(array) -> "np.ndarray":
+    """The values of a Flower ``Array`` (or anything with ``.numpy()``) as a flat numpy array.
+
+    A Flower Array holds an .npy file's bytes; ``Array.numpy()`` reads them into a new array
+    that the caller then copies again. Here numpy's own .npy header reader gives the dtype
+    and shape and the values are read in place from the bytes (one copy fewer); Fortran-
+    ordered or object arrays take ``.numpy()``."""
+    data, stype = getattr(array, "data", None), getattr(array, "stype", None)
+    if isinstance(data, bytes) and stype == "numpy.ndarray":
+        fp = io.BytesIO(data)
+        try:
+            version = np.lib.format.read_magic(fp)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(fp)
+        except ValueError:
+            pass
+        else:
+            if not fortran and not dtype.hasobject:
+                return np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=fp.tell())
+    return np.asarray(array.numpy()).reshape(-1)
+
+
+def stack_flat(records, keys: list[str], d: int, minus: torch.Tensor | None = None) -> torch.Tensor:
+    """Array records (one per hospital: name -> array, e.g. Flower ArrayRecords) -> Tensor[n, d]
+    float32, row i the entries ``keys`` of record i flattened in order, minus ``minus``
+    (Tensor[d]) when given.
+
+    Written once into a preallocated matrix: no per-hospital state dict, no per-row
+    concatenation and no second [n, d] for the subtraction (the server's unpacking of 50
+    replies of 100k values used to take longer than FedAvg and Krum themselves). Raises
+    ValueError naming the record and entry whose size does not fit."""
+    out = torch.empty(len(records), d, dtype=torch.float32)
+    view = out.numpy()  # shares memory with ``out``
+    for i, record in enumerate(records):
+        offset = 0
+        for k in keys:
+            a = _flat_values(record[k])
+            if offset + a.size > d:
+                raise ValueError(f"record {i}: entry '{k}' overruns the model's {d} values")
+            view[i, offset:offset + a.size] = a  # numpy casts (e.g. float16 / float64 -> float32)
+            offset += a.size
+        if offset != d:
+            raise ValueError(f"record {i}: {offset} values, the model has {d}")
+    if minus is not None:
+        out -= minus.to(out.dtype)
+    return out
 
 
 def unflatten_state(vec: torch.Tensor, template: dict[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":

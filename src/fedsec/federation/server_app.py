@@ -333,10 +333,16 @@ class FedsecStrategy(FedAvg):
         """Step 3. The usable replies -> a :class:`ServerRound`: one row per hospital of
         ``updates`` (local - global over the model's float entries, flattened) and its weight
         (sample count)."""
+        from fedsec.core.params import float_keys, stack_flat
+
         template = self._global.to_torch_state_dict()
         g = flatten_state(template)
         contents = [m.content for m in replies]
-        updates = torch.stack([flatten_state(c["arrays"].to_torch_state_dict()) for c in contents]) - g
+        try:
+            updates = stack_flat([c["arrays"] for c in contents], float_keys(template), g.numel(), minus=g)
+        except (KeyError, ValueError) as err:
+            raise FedsecError(f"round {r}: a hospital's reply does not have the global model's entries ({err}); "
+                              "replies are checked before they are unpacked") from err
         return ServerRound(
             number=r, hospitals=[int(c["metrics"]["hospital"]) for c in contents], contents=contents,
             weights=torch.tensor([float(c["metrics"]["num-examples"]) for c in contents], dtype=torch.float64),
