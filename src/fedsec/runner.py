@@ -63,6 +63,12 @@ class Progress:
             print(f"    failed: {f}", file=self.stream, flush=True)
 
 
+def _check_participation(scenario, hospitals: list[str]) -> None:
+    from fedsec.federation.participation import check_hospital_names
+
+    check_hospital_names(scenario, hospitals)
+
+
 def hospital_names(scenario, task) -> list[str]:
     return list(task.data.hospitals)
 
@@ -93,11 +99,20 @@ def build_summary(scenario, run_dir: RunDir, status: str, t0: float, error: str 
         "defense": last.get("defense", {}),
         "privacy": privacy,
         "threat_model": derived_threat_model(scenario),
+        "availability": _availability(scenario, rounds),
         "timing": {"wall_s": wall, "startup_s": max(wall - rounds_s, 0.0), "rounds_s": rounds_s,
                    "mean_round_s": rounds_s / len(rounds) if rounds else None},
         "error": error,
         "path": str(run_dir.path),
     }
+
+
+def _availability(scenario, rounds: list[dict]) -> dict:
+    """Rounds lost, simulated / wall time to the target metric, per-hospital participation
+    (fedsec.federation.participation.availability_summary)."""
+    from fedsec.federation.participation import availability_summary
+
+    return availability_summary(scenario, rounds)
 
 
 FAILURE_STATUS = "completed_with_failures"
@@ -191,6 +206,7 @@ def run(scenario, overrides=None, out=None, verbose: bool = False, resume: str |
             task = build_task(scenario)  # data errors surface here, before any engine starts
             _check_privacy(scenario, task)  # privacy options and combinations, before any engine starts
             hospitals = hospital_names(scenario, task)
+            _check_participation(scenario, hospitals)  # participation keys naming hospitals, now they are known
             initial_state, offset, server_state = None, 0, None
             if resume is not None:
                 ckpt = run_dir.load_checkpoint()

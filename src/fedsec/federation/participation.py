@@ -268,3 +268,79 @@ def check_scenario(scenario, num_hospitals: int | None, site_names: list[str] | 
         raise ScenarioError(f"{opts['deadline_s']:g} s is later than federation.timeout_s "
                             f"({scenario.federation.timeout_s:g} s), when the server gives up anyway",
                             key="federation.participation.deadline_s")
+
+
+def check_hospital_names(scenario, hospitals: list[str]) -> None:
+    """Run-time check once the data names its hospitals (a partition that is not natural
+    names them only then): ScenarioError naming the key."""
+    if scenario.federation.participation is not None:
+        ParticipationModel.from_scenario(scenario, hospitals)
+
+
+# --------------------------------------------------------------------------------------
+# summary.json's "availability" block (read from rounds.jsonl, so a resumed run agrees)
+# --------------------------------------------------------------------------------------
+
+
+def availability_summary(scenario, rounds: list[dict]) -> dict:
+    """Rounds lost, simulated and wall time (to the target metric), and per hospital how often
+    it was selected, aggregated, late, dropped out, unavailable or failed.
+
+    rounds_degraded: rounds whose aggregate had fewer hospitals than were selected (late,
+    dropped out, crashed, malformed or oversized replies). rounds_failed: planned rounds that
+    did not finish. rounds_lost = rounds_degraded + rounds_failed. rounds_short also counts
+    rounds in which a hospital was unavailable (not selected). rounds_empty: rounds with no
+    aggregate at all (the global model stayed)."""
+    block = _plain(scenario.federation.participation) or {}
+    metric = block.get("target_metric", "auroc")
+    target = block.get("target_value")
+    per: dict[str, dict] = {}
+
+    def count(name: str, what: str) -> None:
+        per.setdefault(name, {"selected": 0, "aggregated": 0, "late": 0, "dropped_out": 0, "unavailable": 0,
+                              "failed": 0})[what] += 1
+
+    degraded = short = empty = 0
+    wall = 0.0
+    reached = None
+    for r in rounds:
+        selected = list(r.get("selected", []))
+        trained = list((r.get("train") or {}).keys())
+        part = r.get("participation") or {}
+        unavailable = list((part.get("unavailable") or {}).keys())
+        for h in selected:
+            count(h, "selected")
+        for h in trained:
+            count(h, "aggregated")
+        for h in part.get("late", []):
+            count(h, "late")
+        for h in part.get("dropped_out", []):
+            count(h, "dropped_out")
+        for h in unavailable:
+            count(h, "unavailable")
+        timing = set(part.get("late", [])) | set(part.get("dropped_out", []))
+        for text in r.get("failures", []) or []:
+            h = str(text).partition(": ")[0]
+            if h not in timing:
+                count(h, "failed")
+        degraded += len(trained) < len(selected)
+        short += len(trained) < len(selected) + len(unavailable)
+        empty += not trained
+        wall += float(r.get("time_s", 0.0))
+        value = (r.get("global") or {}).get(metric)
+        if reached is None and target is not None and value is not None and value == value and value >= target:
+            reached = {"round": r.get("round"), "simulated_s": r.get("simulated_time_s"), "wall_s": wall}
+    failed = max(int(scenario.federation.rounds) - len(rounds), 0)
+    out = {
+        "rounds_lost": degraded + failed,
+        "rounds_degraded": degraded,
+        "rounds_failed": failed,
+        "rounds_short": short,
+        "rounds_empty": empty,
+        "wall_rounds_s": wall,
+        "simulated_time_s": rounds[-1].get("simulated_time_s") if rounds else None,
+        "hospitals": per,
+    }
+    if target is not None:
+        out["target"] = {"metric": metric, "value": target, "reached": reached}
+    return out
