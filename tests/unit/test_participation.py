@@ -319,3 +319,18 @@ def test_a_hospital_that_misses_its_deadline_is_left_out_and_named_in_rounds_jso
     assert a["hospitals"]["va"] == {"selected": 3, "aggregated": 1, "late": 2, "dropped_out": 0,
                                     "unavailable": 0, "failed": 0}
     assert a["target"]["reached"]["round"] == 1 and a["target"]["reached"]["simulated_s"] == pytest.approx(9.95)
+
+
+def test_a_resumed_server_continues_the_simulated_clock():
+    from fedsec.federation.server_app import FedsecStrategy, ServerTask
+
+    class Finished:  # the results folder of a run killed after round 2
+        def read_rounds(self):
+            return [{"round": 1, "simulated_time_s": 12.0}, {"round": 2, "simulated_time_s": 24.0}]
+
+    scenario = load_scenario(str(HEART), {"federation": {"participation": {
+        "default": {"seconds_per_example": 0.1, "latency_s": 2}}}})
+    s = FedsecStrategy(scenario, NAMES, [], ServerTask(scenario, None), run_dir=Finished(), round_offset=2)
+    s.bind_nodes({100 + h: h for h in range(4)})
+    _round(s, 1)  # Flower's round 1 is the run's round 3
+    assert s._train_info["simulated_time_s"] == pytest.approx(24.0 + 12.0)
