@@ -255,9 +255,10 @@ def check_scenario(scenario, num_hospitals: int | None, site_names: list[str] | 
     block = scenario.federation.participation
     if block is None:
         return
+    # site_names: the hospitals' names when the scenario alone says them (a natural split);
+    # otherwise they are known once the data is loaded (check_hospital_names) and ids are
+    # checked here against the number of hospitals
     names = site_names
-    if names is None and num_hospitals is not None:
-        names = None  # names are known only once the data is loaded: ids are still checked below
     opts, profiles = resolve(_plain(block), names, scenario.federation.rounds)
     if names is None and num_hospitals is not None:
         for ident in profiles:
