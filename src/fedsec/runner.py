@@ -65,6 +65,12 @@ class Progress:
             print(f"    failed: {f}", file=self.stream, flush=True)
 
 
+def _check_participation(scenario, hospitals: list[str]) -> None:
+    from fedsec.federation.participation import check_hospital_names
+
+    check_hospital_names(scenario, hospitals)
+
+
 def hospital_names(scenario, task) -> list[str]:
     return list(task.data.hospitals)
 
@@ -95,11 +101,20 @@ def build_summary(scenario, run_dir: RunDir, status: str, t0: float, error: str 
         "defense": last.get("defense", {}),
         "privacy": privacy,
         "threat_model": derived_threat_model(scenario),
+        "availability": _availability(scenario, rounds),
         "timing": {"wall_s": wall, "startup_s": max(wall - rounds_s, 0.0), "rounds_s": rounds_s,
                    "mean_round_s": rounds_s / len(rounds) if rounds else None},
         "error": error,
         "path": str(run_dir.path),
     }
+
+
+def _availability(scenario, rounds: list[dict]) -> dict:
+    """Rounds lost, simulated / wall time to the target metric, per-hospital participation
+    (fedsec.federation.participation.availability_summary)."""
+    from fedsec.federation.participation import availability_summary
+
+    return availability_summary(scenario, rounds)
 
 
 FAILURE_STATUS = "completed_with_failures"
@@ -231,6 +246,7 @@ class RunLifecycle:
             self.task = build_task(scenario)  # data errors surface here, before any engine starts
             _check_privacy(scenario, self.task)  # privacy options and combinations
             self.hospitals = hospital_names(scenario, self.task)
+            _check_participation(scenario, self.hospitals)  # participation keys naming hospitals
         else:
             from fedsec.federation.adversary import server_data_needs
 
@@ -352,11 +368,17 @@ def run_on_grid(grid, scenario_ref: str, overrides: str, out: str, resume: bool 
     def start(life: RunLifecycle) -> None:
         strategy = serve(grid, scenario, None, run_dir, life.on_round, None, life.initial_state, life.offset,
                          life.server_state, num_hospitals=n,
-                         on_introduced=lambda nodes_task: _check_privacy(scenario, nodes_task))
+                         on_introduced=lambda nodes_task: _introduced(scenario, nodes_task))
         life.hospitals = strategy.hospitals
 
     return RunLifecycle(scenario, run_dir, t0, previous=previous, holds_data=False,
                         engine_name="deployment").execute(start)
+
+
+def _introduced(scenario, nodes_task) -> None:
+    """A deployment's checks once the hospitals have described their data."""
+    _check_privacy(scenario, nodes_task)
+    _check_participation(scenario, nodes_task.hospitals)
 
 
 def _expected_hospitals(scenario) -> int:

@@ -69,6 +69,9 @@ class FederationConfig:
     min_hospitals: fewest successful replies a round may have; fewer fails the run
       (default: every sampled hospital must reply).
     acquisition_shift: imaging only, strength in [0, 1] of per-site scanner differences.
+    participation: availability, simulated compute / network delay, deadline and policy
+      (docs/scenarios.md, "Participation"; checked by fedsec.federation.participation).
+    max_reply_mb: the largest training reply (MB of arrays) the server unpacks; null: no limit.
     """
 
     hospitals: Optional[int] = None
@@ -81,6 +84,9 @@ class FederationConfig:
     acquisition_shift: float = 0.0
     timeout_s: float = 900.0
     local: LocalConfig = field(default_factory=LocalConfig)
+    # availability, stragglers, deadline, the server's policy (fedsec.federation.participation)
+    participation: Optional[Dict[str, Any]] = None
+    max_reply_mb: Optional[float] = None  # a larger training reply is dropped before it is unpacked
 
 
 @dataclass
@@ -380,7 +386,7 @@ def _oc_key(err) -> str:
     return format_key([int(t) if t.isdigit() else t for t in key.split(".")]) if key else ""
 
 
-_SECTIONS = {"task": ("model_options", "options"), "federation": ("partition", "local"), "privacy": (),
+_SECTIONS = {"task": ("model_options", "options"), "federation": ("partition", "local", "participation"), "privacy": (),
              "threat_model": (), "engine": (), "output": ()}
 
 
@@ -680,6 +686,7 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "federation.min_hospitals": (1, 100_000),
     "federation.acquisition_shift": (0.0, 1.0),
     "federation.timeout_s": (1e-3, 7 * 24 * 3600.0),
+    "federation.max_reply_mb": (1e-6, 1e6),
     "federation.local.epochs": (1, 10_000),
     "federation.local.steps": (1, 10_000_000),
     "federation.local.batch_size": (1, 1_000_000),
@@ -792,10 +799,26 @@ def validate(s: Scenario, file: str = "<scenario>") -> None:
     n = expected_hospitals(s)
     if n is not None and fed.min_hospitals is not None and not 1 <= fed.min_hospitals <= n:
         err("federation.min_hospitals", f"must be between 1 and the {n} hospitals, got {fed.min_hospitals}")
+    _validate_participation(s, n, file)
     malicious = _validate_attacks(s, n, err, rekey)
     _validate_strategy(s, n, malicious, err, rekey)
     _validate_privacy(s, file)
     _validate_threat_model(s, err)
+
+
+def _validate_participation(s: Scenario, n: int | None, file: str) -> None:
+    """``federation.participation`` (fedsec.federation.participation.check_scenario)."""
+    if s.federation.participation is None:
+        return
+    from fedsec.federation.participation import check_scenario
+
+    names = list(s.federation.sites or natural_sites(s.task.name) or []) or None
+    if str(s.federation.partition.get("name", "natural")) != "natural":
+        names = None
+    try:
+        check_scenario(s, n, names)
+    except ScenarioError as e:
+        raise ScenarioError(e.detail, file=file, key=e.key) from None
 
 
 def _validate_attacks(s: Scenario, n: int | None, err, rekey) -> int:

@@ -28,6 +28,10 @@ CASES = [
                        "attacks=[{preset: model_replacement, hospitals: [0, 1], rounds: [1, 2]}]"]),
     ("integrity_cxr_fedsgd", ["federation.rounds=2"]),
     ("inversion_cxr", ["attacks=[{preset: inverting_gradients, target_hospital: 0, target_round: 1, iterations: 30}]"]),
+    # simulated time, a stalling hospital waited for (its reply's simulated arrival comes from
+    # its ClientApp), a maintenance window
+    ("availability_heart", ["federation.rounds=2", "federation.participation.policy=wait",
+                            "federation.participation.hospitals={hungary: {maintenance: [[2, 2]]}}"]),
 ]
 
 

@@ -18,6 +18,17 @@ DOMAIN_MODALITY = {"image_classification": "image", "image_detection": "image", 
                    "multi_omics": "tabular", "cross_modal": "multi"}
 # What a robust aggregation rule is built against (robust rules: hospital insiders poisoning training).
 ROBUST_TARGETS = {"goals": ("integrity", "availability"), "adversaries": ("hospital_insider",), "phase": "training"}
+# The server's own availability defenses (scenario keys, not components): docs/scenarios.md,
+# "Participation".
+AVAILABILITY_DEFENSES = [
+    ("federation.participation", "a round deadline (policy: proceed) leaves late or missing replies out instead "
+                                 "of waiting for them"),
+    ("federation.min_hospitals", "the fewest usable replies a round may go on with"),
+    ("federation.max_reply_mb", "a reply larger than the limit is dropped before it is unpacked (replies whose "
+                                "arrays are not the model's are always dropped)"),
+]
+
+
 def _privacy_defenses() -> list:
     """(scenario key, title) of every registered privacy defense."""
     from fedsec.registry import PRIVACY
@@ -129,6 +140,8 @@ def threat_map_markdown() -> str:
                  "training | available |")
     for key, desc in _privacy_defenses():
         L.append(f"| `{key}` | {desc} | curious server / external, confidentiality | available |")
+    for key, desc in AVAILABILITY_DEFENSES:
+        L.append(f"| `{key}` | {desc} | hospital insiders and faults, availability | available |")
     L += ["", "## Coverage: which (domain, adversary, goal) cells have attacks and defenses", "",
           "| goal | adversary | attacks | defenses |", "|---|---|---|---|"]
     robust = [s["preset"] for s in strategies if s["rule"] != "fedavg"]
@@ -141,6 +154,8 @@ def threat_map_markdown() -> str:
                 continue
             if g in ROBUST_TARGETS["goals"] and adv in ROBUST_TARGETS["adversaries"]:
                 defs = ", ".join(f"`{r}`" for r in robust) or "—"
+                if g == "availability":
+                    defs = ", ".join(f"`{k}`" for k, _ in AVAILABILITY_DEFENSES) + ", " + defs
             elif g == "confidentiality":
                 defs = ", ".join(f"`{p}`" for p in privacy) or "— (privacy defenses not yet in this version)"
             else:

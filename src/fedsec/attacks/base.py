@@ -83,7 +83,7 @@ class AttackSpec:
     success_wording: str | None
 
 
-HOOKS = ("poison_data", "poison_update", "collude", "observe", "evaluate", "evaluate_records")
+HOOKS = ("poison_data", "poison_update", "poison_reply", "collude", "observe", "evaluate", "evaluate_records")
 
 
 class Attack:
@@ -186,6 +186,15 @@ class Attack:
     def poison_update(self, global_params: torch.Tensor, local_params: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
         """Tensor[d] flat params in, Tensor[d] flat params out (what the hospital sends)."""
         return local_params
+
+    def poison_reply(self, state: dict, metrics: dict, ctx: AttackContext) -> tuple[dict, dict]:
+        """The reply the hospital sends, last thing in its ClientApp: ``state`` (array name ->
+        tensor, after poison_update and compression) and ``metrics`` (name -> number) in, the
+        same out. Availability attacks act here: extra arrays (an oversized reply), or the
+        reply metrics the server's participation model reads (``sim-arrival-s``,
+        ``sim-dropped``: fedsec.federation.participation). ``ctx.extra`` holds the resolved
+        ``scenario`` and the hospital's training ``data``."""
+        return state, metrics
 
     # --- ServerApp side -------------------------------------------------------------------
     def collude(self, benign_updates: torch.Tensor, n_malicious: int, ctx: AttackContext) -> torch.Tensor | None:

@@ -191,10 +191,16 @@ def train(msg: Message, context: Context) -> Message:
 
         state = compress_state(global_state, state, privacy.compression)
 
-    metrics = MetricRecord({
+    metrics = {
         "num-examples": len(data), "hospital": hospital, "train_loss": stats["loss"],
         "steps": stats["steps"], "seconds": time.perf_counter() - t0, **dp_metrics,
-    })
+    }
+    for p in active:  # availability attacks: what the reply carries (size, simulated arrival, dropout)
+        if p.has("poison_reply"):
+            ctx = AttackContext(server_round, hospital, p.hospitals, task.data.num_hospitals, task,
+                                torch.Generator().manual_seed(seed + 2), extra={"scenario": scenario, "data": data})
+            state, metrics = p.attack.poison_reply(state, dict(metrics), ctx)
+    metrics = MetricRecord(metrics)
     return Message(content=RecordDict({"arrays": ArrayRecord(state), "metrics": metrics}), reply_to=msg)
 
 

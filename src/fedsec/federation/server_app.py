@@ -152,6 +152,7 @@ class FedsecStrategy(FedAvg):
         # False under secure aggregation (SecAggPlusStrategy sets it): the replies carry only
         # the aggregate
         self.sees_individual_updates = not scenario.privacy.secure_aggregation
+        self._init_participation(run_dir, round_offset)
 
     # ---- state that carries over between rounds (checkpoint.pt) -------------------------
     def state_dict(self) -> dict:
@@ -228,6 +229,8 @@ class FedsecStrategy(FedAvg):
     def _select(self, server_round: int, fraction: float, salt: int) -> list[int]:
         n = self.num_hospitals
         available = sorted(self.node_of)
+        if salt == 1:  # training: hospitals unavailable this round (participation model) are not asked
+            available = self.available_for_training(server_round, available)
         k = min(len(available), max(1, math.ceil(fraction * n)))
         if k >= len(available):
             return available
@@ -236,7 +239,7 @@ class FedsecStrategy(FedAvg):
         if salt == 1:  # training: attackers join every active round unless told otherwise
             for p in self.plans:
                 if p.active(server_round) and not p.only_when_selected:
-                    chosen.update(h for h in p.hospitals if h in self.node_of)
+                    chosen.update(h for h in p.hospitals if h in available)
         return sorted(chosen)
 
     def _messages(self, hospitals: list[int], arrays: ArrayRecord, config: ConfigRecord, kind: str,
@@ -276,7 +279,11 @@ class FedsecStrategy(FedAvg):
         r = self._r(server_round)
         with self._server_rng(r):
             kept, problems = self.collect_replies(r, replies)
+            kept = self.screen_replies(r, kept, problems)
             kept = self.drop_unusable(r, kept, problems)
+            self._train_info.update(self._participation_record)
+            if not kept:  # nobody available this round (min_hospitals allowing): the model stays
+                return None, None
             rnd = self.to_updates(r, kept)
             self.run_adversary(rnd)
             self.apply_server_defenses(rnd)
@@ -298,6 +305,99 @@ class FedsecStrategy(FedAvg):
         problems += [f"{self._name(h)}: no reply within {self.scenario.federation.timeout_s:g} s"
                      for h in self._selected if h not in replied]
         return list(valid), problems
+
+    # ---- participation: availability, deadline, reply size (fedsec.federation.participation)
+    def _init_participation(self, run_dir, round_offset: int) -> None:
+        from fedsec.federation.participation import ParticipationModel
+
+        self.participation = ParticipationModel.from_scenario(self.scenario, self.hospitals)
+        self._participation_record: dict = {}
+        self._available: list[int] | None = None
+        self._unavailable: dict[int, str] = {}
+        self.simulated_time_s = 0.0  # cumulative over the rounds, resumed runs included
+        if self.participation is not None and run_dir is not None and round_offset:
+            earlier = run_dir.read_rounds()
+            if earlier:
+                self.simulated_time_s = float(earlier[-1].get("simulated_time_s", 0.0))
+
+    def available_for_training(self, server_round: int, hospitals: list[int]) -> list[int]:
+        """The hospitals (of ``hospitals``) available in this round: not in a maintenance window
+        and not drawn as missing it (a function of seed, round and hospital only)."""
+        if self.participation is None:
+            return hospitals
+        self._unavailable = {h: why for h in hospitals
+                             if (why := self.participation.unavailable(server_round, h)) is not None}
+        self._available = [h for h in hospitals if h not in self._unavailable]
+        return self._available
+
+    def screen_replies(self, r: int, replies: list[Message], problems: list[str]) -> list[Message]:
+        """Step 1b. Before any reply is unpacked: leave out replies larger than
+        ``federation.max_reply_mb`` and replies whose arrays are not the global model's (names
+        and shapes: malformed), then, with a participation model, replies that arrive after the
+        round's cut-off (``deadline_s`` under 'proceed', ``federation.timeout_s`` under 'wait')
+        or never (a hospital that dropped out). Each is named in ``problems``. Sets the round's
+        ``participation`` record (available, unavailable, late, simulated_s, received_mb) and
+        the cumulative ``simulated_time_s``."""
+        from fedsec.federation.participation import megabytes, round_duration
+
+        limit = self.scenario.federation.max_reply_mb
+        model = {k: tuple(a.shape) for k, a in self._global.items()}
+        sent_mb = megabytes(sum(len(a.data) for a in self._global.values()))
+        kept, arrivals, received = [], {}, 0.0
+        for m in replies:
+            h = int(m.content["metrics"]["hospital"])
+            size = megabytes(sum(len(a.data) for rec in m.content.array_records.values() for a in rec.values()))
+            received += size
+            if self.participation is not None:
+                arrivals[h] = self.participation.arrival_s(r, h, int(m.content["metrics"]["num-examples"]),
+                                                           sent_mb, size, m.content["metrics"])
+            if limit is not None and size > limit:
+                problems.append(f"{self._name(h)}: its reply is {size:.3g} MB, over federation.max_reply_mb "
+                                f"({limit:g} MB); dropped before it was unpacked")
+                continue
+            arrays = m.content["arrays"] if "arrays" in m.content.array_records else None
+            shapes = {k: tuple(a.shape) for k, a in arrays.items()} if arrays is not None else {}
+            if shapes != model:
+                extra, missing = sorted(set(shapes) - set(model)), sorted(set(model) - set(shapes))
+                other = sorted(k for k in set(shapes) & set(model) if shapes[k] != model[k])
+                problems.append(f"{self._name(h)}: malformed reply (arrays differ from the global model's: "
+                                f"extra {extra[:3]}, missing {missing[:3]}, other shapes {other[:3]}); left out")
+                continue
+            kept.append(m)
+        self._participation_record = {}
+        if self.participation is None:
+            return kept
+        cutoff = self.participation.cutoff_s
+        late, duration = round_duration(arrivals, cutoff)
+        what = ("deadline_s" if self.participation.policy == "proceed" else "federation.timeout_s")
+        named = {int(m.content["metrics"]["hospital"]) for m in replies} - {int(m.content["metrics"]["hospital"])
+                                                                          for m in kept}
+        for h in late:
+            if h in named:  # already left out for its size or shape
+                continue
+            if arrivals[h] == float("inf"):
+                why = f"no reply (dropped out); the server waited until its cut-off ({what} = {cutoff:g} s simulated)"
+            else:
+                why = (f"replied at {arrivals[h]:.4g} s simulated, after {what} ({cutoff:g} s); "
+                       "left out of the aggregate")
+            problems.append(f"{self._name(h)}: {why}")
+        late_set = set(late)
+        kept = [m for m in kept if int(m.content["metrics"]["hospital"]) not in late_set]
+        self.simulated_time_s += duration
+        self._participation_record = {
+            "participation": {
+                "policy": self.participation.policy,
+                "available": [self._name(h) for h in (self._available or [])],
+                "unavailable": {self._name(h): why for h, why in sorted(self._unavailable.items())},
+                "late": [self._name(h) for h in late if arrivals[h] != float("inf")],
+                "dropped_out": [self._name(h) for h in late if arrivals[h] == float("inf")],
+                "arrival_s": {self._name(h): (None if t == float("inf") else t) for h, t in sorted(arrivals.items())},
+                "simulated_s": duration,
+                "received_mb": received,
+            },
+            "simulated_time_s": self.simulated_time_s,
+        }
+        return kept
 
     def drop_unusable(self, r: int, replies: list[Message], problems: list[str]) -> list[Message]:
         """Step 2. Leave out updates with NaN or infinite values (one would make every rule's
