@@ -197,7 +197,7 @@ def train(msg: Message, context: Context) -> Message:
     }
     for p in active:  # availability attacks: what the reply carries (size, simulated arrival, dropout)
         if p.has("poison_reply"):
-            ctx = AttackContext(server_round, hospital, p.hospitals, task.data.num_hospitals, task,
+            ctx = AttackContext(server_round, hospital, p.hospitals, federation_size(task), task,
                                 torch.Generator().manual_seed(seed + 2), extra={"scenario": scenario, "data": data})
             state, metrics = p.attack.poison_reply(state, dict(metrics), ctx)
     metrics = MetricRecord(metrics)
