@@ -129,6 +129,7 @@ class FedsecStrategy(FedAvg):
         self.rounds_done = 0
         self.last_record: dict | None = None
         self.num_hospitals = n
+        self.budget = None  # privacy budget per hospital (fedsec.privacy.budget; set by serve)
         self._dp_ledger = None  # DP-SGD: each hospital's epsilon over every round (fedsec.privacy.dp_sgd)
         if scenario.privacy.dp_sgd:
             from fedsec.privacy.dp_sgd import EpsilonLedger
@@ -217,6 +218,8 @@ class FedsecStrategy(FedAvg):
     def _select(self, server_round: int, fraction: float, salt: int) -> list[int]:
         n = self.num_hospitals
         available = sorted(self.node_of)
+        if salt == 1 and self.budget is not None:  # who may still train within its DP budget
+            available = self.budget.eligible(available, server_round)
         k = min(len(available), max(1, math.ceil(fraction * n)))
         if k >= len(available):
             return available
@@ -225,7 +228,7 @@ class FedsecStrategy(FedAvg):
         if salt == 1:  # training: attackers join every active round unless told otherwise
             for p in self.plans:
                 if p.active(server_round) and not p.only_when_selected:
-                    chosen.update(h for h in p.hospitals if h in self.node_of)
+                    chosen.update(h for h in p.hospitals if h in available)
         return sorted(chosen)
 
     def _messages(self, hospitals: list[int], arrays: ArrayRecord, config: ConfigRecord, kind: str,
@@ -316,6 +319,8 @@ class FedsecStrategy(FedAvg):
             self._dp_ledger.record_round(r, [self._name(h) for h in self._selected], trained)
             self.add_round_info("privacy", {"dp_sgd": self._dp_ledger.round_block(
                 {name: self._dp_ledger.entries[name] for name in trained})})
+            if self.budget is not None:  # who was left out for its privacy budget
+                self.add_round_info("privacy", {"budget": self.budget.round_block()})
         return kept
 
     def to_updates(self, r: int, replies: list[Message]) -> ServerRound:
@@ -629,6 +634,9 @@ def serve(grid: Grid, scenario, hospitals: list[str], run_dir=None, on_round=Non
     plans = build_plans(scenario, n)
     strategy = FedsecStrategy(scenario, hospitals, plans, server_task, run_dir, on_round, round_offset)
     strategy.bind_nodes(mapping)
+    from fedsec.privacy.budget import keeper_for
+
+    strategy.budget = keeper_for(strategy, scenario, hospitals, sizes)
     from fedsec.privacy.defenses import wrap_strategy
 
     outer = wrap_strategy(strategy, scenario, num_hospitals=n,
