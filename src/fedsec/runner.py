@@ -297,6 +297,8 @@ def run_on_grid(grid, scenario_ref: str, overrides: str, out: str) -> dict:
         serve(grid, scenario, hospital_names(scenario, task), run_dir, Progress(scenario), task,
               task.make_model(seed=scenario.seed).state_dict(), 0)
         status = "completed"
+    except BudgetExhausted as err:  # no hospital can train within its privacy budget: a clean end
+        status, error = BUDGET_STATUS, str(err)
     except Exception as err:
         failure = err
         error = str(err) if isinstance(err, FedsecError) else _unexpected(err, run_dir)
