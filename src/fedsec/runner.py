@@ -10,6 +10,7 @@ from pathlib import Path
 
 from fedsec.errors import FedsecError
 from fedsec.metrics import METRIC_KEYS
+from fedsec.privacy.budget import STATUS as BUDGET_STATUS, BudgetExhausted
 from fedsec.results import RunDir, new_manifest, read_json, utc_now
 
 
@@ -89,6 +90,10 @@ def build_summary(scenario, run_dir: RunDir, status: str, t0: float, error: str 
         # Every round, not the last one's hospitals: with fraction_train < 1 the largest epsilon
         # may belong to a hospital that did not train in the last round.
         privacy["dp_sgd"] = summarise(rounds)
+    if (scenario.privacy.dp_sgd or {}).get("budgets"):  # a privacy budget per hospital: its ledger
+        from fedsec.privacy import budget
+
+        privacy["dp_sgd"] = budget.summarise(scenario, rounds, privacy.get("dp_sgd"), status == budget.STATUS)
     return {
         "status": status,
         "scenario": scenario.name,
@@ -290,6 +295,8 @@ class RunLifecycle:
         except KeyboardInterrupt as err:  # Ctrl-C / SIGTERM (Interrupted), or a Ctrl-C before the engine ran
             failure = err if isinstance(err, Interrupted) else Interrupted()
             status, error = "interrupted", f"interrupted by {signal_name(failure.signum)}"
+        except BudgetExhausted as err:  # no hospital can train within its privacy budget: a clean end
+            status, error = BUDGET_STATUS, str(err)
         except FedsecError as err:
             error, failure = str(err), err
         except Exception as err:  # a bug or a library failure: keep the results and the traceback
@@ -311,7 +318,7 @@ class RunLifecycle:
             raise failure
         if isinstance(failure, FedsecError) and not started:
             raise failure  # bad input found before any engine started (data, privacy options): exit 2
-        if summary["status"] not in ("completed", FAILURE_STATUS):
+        if summary["status"] not in ("completed", FAILURE_STATUS, BUDGET_STATUS):
             raise RunFailed(f"run failed after {summary['rounds']} round(s): {summary['error']}\n"
                             f"results so far: {run_dir.path}", summary)
         return summary

@@ -294,7 +294,7 @@ def cell_state(sweep_dir: Path, cell: Cell) -> tuple[str, str | None]:
     except (OSError, ValueError):
         return "interrupted", "summary.json unreadable"
     status = summary.get("status")
-    if status == "completed_with_failures":  # finished; its failures are in its summary.json
+    if status in ("completed_with_failures", "budget_exhausted"):  # finished (failures / DP budgets in summary.json)
         status = FINISHED
     if status == FINISHED and cell.digest:
         try:

@@ -226,11 +226,36 @@ def report_run(run_dir: Path, metric: str = "auroc", out: Path | None = None) ->
     rows += [[h, *(_fmt((v or {}).get(k)) for k in final)] for h, v in ph.items()]
     sections.append(("final", "Final metrics", _table_html(headers, rows)))
     sections.append(("reconstructions", "Reconstructions", _reconstructions([run])))
+    ledger = _privacy_ledger_html(s)
+    if ledger:
+        sections.append(("privacy-ledger", "Privacy ledger (DP-SGD)", ledger))
     meta = (f"run <code>{html.escape(str(run_dir))}</code> · status {html.escape(str(s.get('status')))} · "
             f"{s.get('rounds')} rounds · threat model {html.escape(_tags(s.get('threat_model')))}")
     page = _page(f"fedsec report — {name}", meta, sections)
     (out / "index.html").write_text(page)
     return out / "index.html"
+
+
+def _privacy_ledger_html(s: dict) -> str:
+    """summary.json's DP-SGD ledger per hospital (epsilon spent, delta, rounds trained, last
+    round, and with ``privacy.dp_sgd.budgets`` the budget and the round it stopped at), or ""."""
+    dp = ((s.get("privacy") or {}).get("dp_sgd") or {})
+    ledger = dp.get("ledger") or {}
+    if not ledger:
+        return ""
+    budgets = any("budget" in e for e in ledger.values())
+    headers = ["hospital", "epsilon spent", "delta", "rounds trained", "last round"]
+    headers += ["budget", "stopped at round"] if budgets else []
+    rows = []
+    for h, e in ledger.items():
+        row = [h, _fmt(e.get("epsilon")), e.get("budget_delta", e.get("delta")), e.get("rounds"), e.get("last_round")]
+        if budgets:
+            row += [_fmt(e.get("budget")) or "none", e.get("stopped_at") or "-"]
+        rows.append(row)
+    text = f"<p>Largest epsilon over every hospital and round: {_fmt(dp.get('epsilon_max'))}.</p>"
+    if s.get("status") == "budget_exhausted":
+        text += f"<p>The run ended early: {html.escape(str(s.get('error')))}</p>"
+    return text + _table_html(headers, rows)
 
 
 def _fmt(v, digits=3):

@@ -94,7 +94,8 @@ def forge_updates(plans: list[AttackPlan], server_round: int, hospitals: list[in
         if not mal_rows or not benign_rows:
             continue
         ctx = AttackContext(server_round, None, p.hospitals, num_hospitals, None, generator,
-                            extra={**(extra or {}), "malicious_updates": updates[mal_rows].clone()})
+                            extra={**(extra or {}), "malicious_updates": updates[mal_rows].clone()},
+                            participants=list(hospitals))
         forged = p.attack.collude(updates[benign_rows], len(mal_rows), ctx)
         if forged is not None:
             updates[mal_rows] = forged.to(updates.dtype)

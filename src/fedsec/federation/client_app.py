@@ -170,7 +170,8 @@ def train(msg: Message, context: Context) -> Message:
         from fedsec.privacy.dp_sgd import DPConfig, charged_before, count_participation, train_dp_sgd
 
         charged = count_participation(context.state, server_round, charged_before(config, hospital))
-        res = train_dp_sgd(model, data, task, scenario.federation.local, DPConfig.parse(privacy.dp_sgd),
+        dp = DPConfig.parse(privacy.dp_sgd).for_hospital(task.data.hospitals[idx])  # its own budget's delta
+        res = train_dp_sgd(model, data, task, scenario.federation.local, dp,
                            generator=generator, participations=charged,
                            planned_rounds=scenario.federation.rounds, device=device)
         stats, dp_metrics = {"loss": res.loss, "steps": res.steps}, res.metrics()

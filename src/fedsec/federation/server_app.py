@@ -140,6 +140,7 @@ class FedsecStrategy(FedAvg):
         self.rounds_done = 0
         self.last_record: dict | None = None
         self.num_hospitals = n
+        self.budget = None  # privacy budget per hospital (fedsec.privacy.budget; set by serve)
         self._dp_ledger = None  # DP-SGD: each hospital's epsilon over every round (fedsec.privacy.dp_sgd)
         if scenario.privacy.dp_sgd:
             from fedsec.privacy.dp_sgd import EpsilonLedger
@@ -231,6 +232,8 @@ class FedsecStrategy(FedAvg):
         available = sorted(self.node_of)
         if salt == 1:  # training: hospitals unavailable this round (participation model) are not asked
             available = self.available_for_training(server_round, available)
+        if salt == 1 and self.budget is not None:  # who may still train within its DP budget
+            available = self.budget.eligible(available, server_round)
         k = min(len(available), max(1, math.ceil(fraction * n)))
         if k >= len(available):
             return available
@@ -427,6 +430,8 @@ class FedsecStrategy(FedAvg):
             self._dp_ledger.record_round(r, [self._name(h) for h in self._selected], trained)
             self.add_round_info("privacy", {"dp_sgd": self._dp_ledger.round_block(
                 {name: self._dp_ledger.entries[name] for name in trained})})
+            if self.budget is not None:  # who was left out for its privacy budget
+                self.add_round_info("privacy", {"budget": self.budget.round_block()})
         return kept
 
     def to_updates(self, r: int, replies: list[Message]) -> ServerRound:
@@ -801,6 +806,9 @@ def serve(grid: Grid, scenario, hospitals: list[str] | None = None, run_dir=None
     plans = build_plans(scenario, n)
     strategy = FedsecStrategy(scenario, hospitals, plans, server_task, run_dir, on_round, round_offset)
     strategy.bind_nodes(mapping)
+    from fedsec.privacy.budget import keeper_for
+
+    strategy.budget = keeper_for(strategy, scenario, hospitals, sizes)
     from fedsec.privacy.defenses import wrap_strategy
 
     outer = wrap_strategy(strategy, scenario, num_hospitals=n,

@@ -44,7 +44,10 @@ def check_privacy(scenario, task=None, plans=None) -> None:
     if p.dp_sgd:
         from fedsec.privacy.dp_sgd import DPConfig, check_delta, check_model
 
+        from fedsec.privacy.budget import check_names, scenario_hospitals
+
         dp = DPConfig.parse(p.dp_sgd)
+        check_names(dp.budgets, list(task.data.hospitals) if task is not None else scenario_hospitals(scenario))
         if task is not None:
             check_model(task.make_model(), scenario.task.model)
             check_delta(dp, task.train_sizes())

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import dataclasses
 import logging
 import math
 import warnings
@@ -77,6 +78,9 @@ class DPConfig:
         batches; the epsilon is then computed as if sampling were Poisson, which is how
         Opacus reports it too, but is not a proven bound.
     accountant: "rdp" (default), "prv" or "gdp" -- Opacus's accountants.
+    budgets: a privacy budget per hospital, {name: {epsilon, delta}} plus ``default``; the
+        server stops selecting a hospital whose next round would exceed it
+        (fedsec.privacy.budget, docs/privacy.md).
     """
 
     # the defense's declaration (docs/components.md, the threat map)
@@ -91,6 +95,7 @@ class DPConfig:
     delta: float | None = None
     poisson: bool = True
     accountant: str = "rdp"
+    budgets: dict | None = None  # per-hospital (epsilon, delta) budgets: fedsec.privacy.budget
 
     def __post_init__(self):
         s = SECTION
@@ -102,6 +107,9 @@ class DPConfig:
                             allow_none=True)
         self.poisson = flag(s, "poisson", self.poisson)
         self.accountant = choice(s, "accountant", self.accountant, ACCOUNTANTS)
+        from fedsec.privacy.budget import parse_budgets
+
+        self.budgets = parse_budgets(self.budgets)
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise FedsecError(f"privacy.{s}: give exactly one of noise_multiplier (the noise) or target_epsilon "
                               f"(the budget after federation.rounds rounds), got "
@@ -111,6 +119,16 @@ class DPConfig:
     def parse(cls, options) -> "DPConfig":
         """``privacy.dp_sgd`` (a mapping) -> DPConfig; unknown keys name ``privacy.dp_sgd.<key>``."""
         return parse_options(cls, SECTION, options)
+
+    def for_hospital(self, name: str) -> "DPConfig":
+        """This config as hospital ``name`` runs it: its budget's delta, when it sets one,
+        replaces ``delta`` (fedsec.privacy.budget)."""
+        from fedsec.privacy.budget import budget_for
+
+        b = budget_for(self.budgets, name)
+        if b is None or b.delta is None:
+            return self
+        return dataclasses.replace(self, delta=b.delta)
 
     def delta_for(self, num_records: int) -> float:
         if self.delta is not None:
@@ -322,9 +340,19 @@ def check_delta(dp: "DPConfig", train_sizes: dict[str, int]) -> None:
     """Refuse an explicit delta >= 1/N for any hospital (N: its training records), before
     training starts. A mechanism may leak one record outright with probability delta: at
     delta >= 1/N that is a whole record of the hospital, no protection."""
+    from fedsec.privacy.budget import budget_for
+
+    for h, n in train_sizes.items():  # a hospital's own budget delta (privacy.dp_sgd.budgets)
+        b = budget_for(dp.budgets, h)
+        if b is not None and b.delta is not None and n > 0 and b.delta >= 1.0 / n:
+            name = h if h in (dp.budgets or {}) else "default"
+            raise option_error(SECTION, f"budgets.{name}.delta",
+                               f"{b.delta:g} is not below 1/N for {h} (N = {n}, 1/N = {1.0 / n:.3g}): a delta of "
+                               f"1/N allows leaking a whole patient record. Use delta < {1.0 / n:.3g}")
     if dp.delta is None:
         return
-    bad = {h: n for h, n in train_sizes.items() if n > 0 and dp.delta >= 1.0 / n}
+    bad = {h: n for h, n in train_sizes.items() if n > 0 and dp.delta >= 1.0 / n
+           and (budget_for(dp.budgets, h) is None or budget_for(dp.budgets, h).delta is None)}
     if bad:
         listing = ", ".join(f"{h} (N = {n}, 1/N = {1.0 / n:.3g})" for h, n in sorted(bad.items(), key=lambda kv: -kv[1]))
         smallest = min(1.0 / n for n in train_sizes.values() if n > 0)
