@@ -130,9 +130,12 @@ class Backdoor(Attack):
         poison_fraction: float = option(0.5, "share of the hospital's training rows poisoned", min=0.0, max=1.0)
         boost: Union[float, Literal["auto"], None] = option(1.0, "update boost; auto = hospitals / malicious")
         norm_bound: Optional[float] = option(None, "L2 bound of the boosted update (null: none)", gt=0.0)
+        null_run: Optional[str] = option(None, "results folder of the no-attack run of the same seed: its final "
+                                               "model gives the ASR floor (null: the untrained model)")
 
     def __init__(self, **options):
         super().__init__(**options)
+        self._null_cache: dict = {}
         t = self.options["target"]
         if not isinstance(t, int) or isinstance(t, bool) or t < 0:
             raise self.option_error("target", "must be a class index (integer >= 0)")
@@ -172,21 +175,95 @@ class Backdoor(Attack):
             return local_params
         return scaled_params(global_params, local_params, parse_factor(self, "boost", ctx), self.norm_bound)
 
-    def evaluate(self, model, test: Split, ctx: AttackContext) -> dict:
-        """``asr``: share of triggered test inputs whose true label is not ``target`` that the
-        model classifies as ``target`` (multi-label: inputs without the target label whose
-        target logit becomes > 0). NaN when every test input already has the target label."""
+    def _hits(self, model, test: Split, ctx) -> torch.Tensor | None:
+        """Bool [M]: each triggered non-target test input classified as ``target``."""
         multilabel = test.y.dim() == 2
         keep = test.y[:, self.target] < 0.5 if multilabel else test.y != self.target
         x = test.x[keep]
         if len(x) == 0:
-            return {"asr": float("nan")}
+            return None
         triggered = self.apply_trigger(x, ctx)
         if multilabel:
-            hits = model_logits(model, triggered)[:, self.target] > 0
-        else:
-            hits = predict_labels(model, triggered) == self.target
-        return {"asr": float(hits.float().mean())}
+            return model_logits(model, triggered)[:, self.target] > 0
+        return predict_labels(model, triggered) == self.target
+
+    def null_model(self, ctx):
+        """(model, kind) the ASR floor is measured on: the final model of ``null_run`` (the
+        no-attack run of the same seed) when given, else the run's untrained initial model.
+        None when the context cannot build a model (unit tests without a task)."""
+        extra = (ctx.extra or {}) if ctx is not None else {}
+        make = extra.get("model_fn")
+        scenario = extra.get("scenario")
+        if make is None:
+            return None, None
+        seed = int(getattr(scenario, "seed", 0) or 0)
+        run = self.options.get("null_run")
+        if run:
+            from pathlib import Path
+
+            from fedsec.results import RunDir, read_json
+
+            path = Path(str(run)).expanduser()
+            try:
+                ckpt = RunDir(path).load_checkpoint() if (path / "checkpoint.pt").exists() else None
+                other = read_json(path / "summary.json")
+            except (OSError, ValueError):
+                ckpt, other = None, None
+            if ckpt is None or other is None:
+                raise self.option_error("null_run", "is not a finished fedsec run (no checkpoint.pt / summary.json)")
+            if other.get("seed") != seed or (other.get("attack") or {}):
+                raise self.option_error("null_run", f"must be the no-attack run of the same seed ({seed}); "
+                                                    f"that run has seed {other.get('seed')} or an attack")
+            m = make()
+            m.load_state_dict(ckpt["state"])
+            return m.eval(), "no_attack_run"
+        return make(seed=seed).eval(), "untrained"
+
+    def evaluate(self, model, test: Split, ctx: AttackContext) -> dict:
+        """``asr``: share of triggered test inputs whose true label is not ``target`` that the
+        model classifies as ``target`` (multi-label: inputs without the target label whose
+        target logit becomes > 0). NaN when every test input already has the target label.
+        With a context that can build models, ``stats.asr`` gives the ASR's null (the
+        no-attack run's model when ``null_run`` is set, else the untrained model), the effect
+        and their 95% bootstrap CIs over the triggered test records."""
+        self._ctx_for_null = ctx
+        hits = self._hits(model, test, ctx)
+        if hits is None:
+            return {"asr": float("nan")}
+        out = {"asr": float(hits.float().mean())}
+        key = (len(test), self.options.get("null_run"))
+        if key not in self._null_cache:
+            null, kind = self.null_model(ctx)
+            self._null_cache[key] = (None if null is None else self._hits(null, test, ctx), kind)
+        null_hits, kind = self._null_cache[key]
+        if null_hits is not None:
+            from fedsec.attacks.nulls import mean_stat
+
+            seed = int(getattr((ctx.extra or {}).get("scenario"), "seed", 0) or 0)
+            out["stats"] = {"asr": mean_stat(hits.numpy(), null_hits.numpy(), kind, seed)}
+            if kind == "no_attack_run" and test.y.dim() == 1:
+                out["stats"]["main_task_balanced_accuracy"] = self._main_task(model, test, seed)
+        return out
+
+    def _main_task(self, model, test: Split, seed: int) -> dict:
+        """Balanced accuracy of the attacked model (value) and of the no-attack run's model
+        (null) on the clean test set; effect < 0 is the attack's main-task cost. Paired
+        bootstrap over test records (a record's contribution: its correctness / its class
+        size, times the number of classes present)."""
+        from fedsec.attacks.nulls import mean_stat
+
+        key = ("main", len(test))
+        if key not in self._null_cache:
+            null, _ = self.null_model(self._ctx_for_null)
+            self._null_cache[key] = predict_labels(null, test.x) == test.y
+        y = test.y.numpy()
+        classes, counts = np.unique(y, return_counts=True)
+        weight = np.zeros(len(y))
+        for c, n in zip(classes, counts):
+            weight[y == c] = len(y) / (n * len(classes))  # mean over records of weight*correct = BA
+        ok = (predict_labels(model, test.x) == test.y).numpy().astype(np.float64)
+        return mean_stat(ok * weight, self._null_cache[key].numpy().astype(np.float64) * weight,
+                         "no_attack_run", seed)
 
 
 @ATTACKS.register()

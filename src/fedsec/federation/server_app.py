@@ -34,6 +34,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from fedsec.attacks.nulls import merge_attack_metrics
 from fedsec.attacks.base import AttackContext
 from fedsec.errors import FedsecError
 from fedsec.core.params import flatten_state, unflatten_state
@@ -376,8 +377,8 @@ class FedsecStrategy(FedAvg):
         for p in plans:
             ctx = AttackContext(rnd.number, None, p.hospitals, self.num_hospitals, self.server_task, rnd.generator,
                                 extra=self._observer_extra())
-            self._train_info["attack"].update(p.attack.observe(rnd.number, seen, aggregate, rnd.global_params,
-                                                               ctx) or {})
+            merge_attack_metrics(self._train_info["attack"], p.attack.observe(rnd.number, seen, aggregate,
+                                                                              rnd.global_params, ctx) or {})
 
     def aggregate(self, rnd: ServerRound) -> torch.Tensor:
         """Step 7. The aggregation rule on ``rnd.updates`` -> the aggregated update Tensor[d].
@@ -521,7 +522,7 @@ class FedsecStrategy(FedAvg):
                                        sum(losses) / max(sum(counts), 1), multilabel)
         attack_metrics = dict(self._train_info.get("attack", {}))
         with self._server_rng(r):
-            attack_metrics.update(self._evaluate_attacks(r))
+            merge_attack_metrics(attack_metrics, self._evaluate_attacks(r))
         record = {
             "round": r,
             "time_s": time.perf_counter() - self._round_t0,
@@ -559,10 +560,11 @@ class FedsecStrategy(FedAvg):
         for p in plans:
             ctx = AttackContext(r, None, p.hospitals, self.num_hospitals, task, None,
                                 extra={**self._observer_extra(), "members": dict(enumerate(task.data.train)),
-                                       "non_members": dict(enumerate(task.data.test))})
+                                       "non_members": dict(enumerate(task.data.test)),
+                                       "holdout": dict(enumerate(task.data.holdout or []))})
             res = p.attack.evaluate(model, task.data.union_test(), ctx) or {}
             prefix = "" if len(plans) == 1 else f"{p.name}."
-            out.update({f"{prefix}{k}": v for k, v in res.items()})
+            merge_attack_metrics(out, {f"{prefix}{k}": v for k, v in res.items()})
         return out
 
 
