@@ -404,8 +404,12 @@ class LossThresholdMIA(Attack):
             sets[h] = {"s_in": np.asarray(s_in, np.float64), "s_out": np.asarray(s_out, np.float64),
                        "n_in": np.asarray(n_in, np.float64), "n_out": np.asarray(n_out, np.float64),
                        "y_in": label_strata(members.y), "y_out": label_strata(non_members.y)}
-        seed = int(getattr((ctx.extra or {}).get("scenario"), "seed", 0) or 0)
-        plain, stats = mia_stats(sets, seed)
+        scenario = (ctx.extra or {}).get("scenario")
+        seed = int(getattr(scenario, "seed", 0) or 0)
+        # The bootstrap (1000 resamples) runs in the run's last round only (seconds per round on
+        # large hospitals); earlier rounds record value, null and effect without CIs.
+        last = getattr(getattr(scenario, "federation", None), "rounds", None)
+        plain, stats = mia_stats(sets, seed, n_boot=0 if last is not None and ctx.server_round < last else None)
         if stats:
             plain["stats"] = stats
         return plain
