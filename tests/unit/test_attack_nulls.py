@@ -258,3 +258,25 @@ def test_backdoor_run_records_floor_durability_and_main_task_cost(tmp_path):
     assert a["main_task_cost"]["balanced_accuracy"]["cost"] == pytest.approx(-ba["effect"], abs=1e-6)
     on_disk = json.loads((tmp_path / "bd" / "summary.json").read_text())
     assert on_disk["attack"]["stats"]["asr"]["null"] == pytest.approx(s["null"])
+
+
+# --- inversion: the population-mean reconstruction ----------------------------------------------
+
+
+def test_inversion_null_is_the_population_mean_image():
+    from fedsec.attacks import inversion
+
+    g = torch.Generator().manual_seed(0)
+    truth = {h: Split(torch.rand(4, 1, 8, 8, generator=g), torch.zeros(4, dtype=torch.long)) for h in range(3)}
+    mean = inversion.population_mean(truth, 0, (1, 8, 8))
+    assert torch.allclose(mean, torch.cat([truth[1].x, truth[2].x]).mean(0))  # the target's images left out
+    attack = inversion.InvertingGradientsAttack()
+    target = truth[0]
+    good = inversion.InversionResult(x=target.x + 0.01 * torch.randn(4, 1, 8, 8, generator=g),
+                                     labels=target.y, objective=0.0, seconds=0.0, iterations=0)
+    s = attack.score(good, target, (1, 8, 8), mean)["stats"]["psnr"]
+    assert s["null_kind"] == "population_mean" and s["value"] > 35 and s["null"] < 15
+    assert s["effect"] == pytest.approx(s["value"] - s["null"]) and s["at_floor"] is False
+    blurry = inversion.InversionResult(x=mean.expand(4, 1, 8, 8).clone(), labels=target.y, objective=0.0, seconds=0.0, iterations=0)
+    s = attack.score(blurry, target, (1, 8, 8), mean)["stats"]["psnr"]
+    assert s["effect"] == pytest.approx(0.0, abs=1e-9) and s["at_floor"] is True

@@ -104,11 +104,11 @@ def attack_summary(rounds: list[dict], scenario=None) -> dict:
     stats: dict = {}
     for r in rounds:  # an observer active in earlier rounds only keeps its last stats
         for k, v in (r.get("attack") or {}).items():
-            if (k == "stats" or k.endswith(".stats")) and isinstance(v, dict):
+            if (k == "stats" or k.endswith((".stats", "/stats"))) and isinstance(v, dict):
                 prefix = k[: -len("stats")]
                 for m, s in v.items():
                     stats[prefix + m] = s
-    for k in [k for k in last if k == "stats" or k.endswith(".stats")]:
+    for k in [k for k in last if k == "stats" or k.endswith((".stats", "/stats"))]:
         last.pop(k)
     if stats:
         last["stats"] = stats
@@ -227,7 +227,7 @@ def merge_attack_metrics(dst: dict, src: dict) -> dict:
     """``dst.update(src)`` for a round's attack block, except that the attacks' ``stats``
     dicts are merged (two attacks in one run each bring their own)."""
     for k, v in (src or {}).items():
-        if (k == "stats" or k.endswith(".stats")) and isinstance(v, dict) and isinstance(dst.get(k), dict):
+        if (k == "stats" or k.endswith((".stats", "/stats"))) and isinstance(v, dict) and isinstance(dst.get(k), dict):
             dst[k] = {**dst[k], **v}
         else:
             dst[k] = v
