@@ -66,6 +66,15 @@ def main(root: str) -> None:
                       f"+{k}: {statistics.fmean(d['after'][k] for d in durs if k in d['after']):.3f}" for k in keys)
                   + "; rounds to floor: " + ", ".join(str(d["rounds_to_floor"]) if d["rounds_to_floor"] is not None
                                                        else f">{d['censored_after']}" for d in durs))
+        first = []  # observers also report every round: the first round's figures beside the last's
+        for r in runs:
+            lines = (Path(r["path"]) / "rounds.jsonl").read_text().splitlines() if r.get("path") else []
+            if lines:
+                first.append({"attack": {"stats": {k: v for k, v in (json.loads(lines[0])["attack"].get("stats") or {})
+                                                   .items() if k.startswith("provenance")}}})
+        if any(f["attack"]["stats"] for f in first):
+            print("round 1:")
+            table(first, ["provenance_acc"])
         costs = [r["attack"].get("main_task_cost") for r in runs if r["attack"].get("main_task_cost")]
         for k in ("balanced_accuracy", "auroc"):
             vals = [c[k]["cost"] for c in costs if k in c]

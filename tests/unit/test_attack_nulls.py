@@ -280,3 +280,13 @@ def test_inversion_null_is_the_population_mean_image():
     blurry = inversion.InversionResult(x=mean.expand(4, 1, 8, 8).clone(), labels=target.y, objective=0.0, seconds=0.0, iterations=0)
     s = attack.score(blurry, target, (1, 8, 8), mean)["stats"]["psnr"]
     assert s["effect"] == pytest.approx(0.0, abs=1e-9) and s["at_floor"] is True
+
+
+def test_null_run_that_is_not_a_run_is_a_scenario_error(tmp_path):
+    from fedsec.errors import ScenarioError
+    from fedsec.scenario import load_scenario
+
+    with pytest.raises(ScenarioError) as err:
+        load_scenario(ROOT / "scenarios" / "heart_fedavg.yaml",
+                      ["attacks=ehr_trigger", "attacks[0].hospitals=[3]", f"attacks[0].null_run={tmp_path}"])
+    assert "null_run" in str(err.value) and "summary.json" in str(err.value)

@@ -145,6 +145,19 @@ class Backdoor(Attack):
         self.norm_bound = check_norm_bound(self)
         self.last_poisoned = torch.zeros(0, dtype=torch.long)  # rows poisoned by the last call
 
+    def check(self, num_hospitals, malicious, key=""):
+        """``null_run`` names a finished run's folder (checked when the scenario loads)."""
+        run = self.options.get("null_run")
+        if run is None:
+            return
+        from pathlib import Path
+
+        path = Path(str(run)).expanduser()
+        missing = [f for f in ("summary.json", "checkpoint.pt") if not (path / f).is_file()]
+        if not isinstance(run, str) or missing:
+            raise self.option_error("null_run", "must be the results folder of a finished no-attack run "
+                                                f"(missing {', '.join(missing) or 'a path'})")
+
     # --- triggers ----------------------------------------------------------------------------
     def trigger(self, x: torch.Tensor, ctx: AttackContext | None = None) -> Trigger:
         raise NotImplementedError
