@@ -140,7 +140,8 @@ def _heart_ctx(seed=0):
     task = build_task(s)
     extra = {"members": dict(enumerate(task.data.train)), "holdout": dict(enumerate(task.data.holdout)),
              "model_fn": task.make_model, "scenario": s}
-    return task, AttackContext(1, extra=extra, generator=torch.Generator().manual_seed(0))
+    # the run's last round: the bootstrap CIs are computed there (earlier rounds: value and null only)
+    return task, AttackContext(s.federation.rounds, extra=extra, generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -154,6 +155,9 @@ def test_untrained_model_auroc_ci_includes_half(seed):
         assert s["null_ci"][0] <= 0.5 <= s["null_ci"][1], (name, s)
         assert s["null_kind"] == "untrained"
     assert 0.0 <= out["tpr_at_1pct_fpr"] <= 1.0
+    ctx.server_round = 1
+    early = membership.LossThresholdMIA().evaluate(untrained, None, ctx)["stats"]["auroc_mean"]
+    assert early["ci"] is None and early["value"] == pytest.approx(out["stats"]["auroc_mean"]["value"])
 
 
 def test_membership_effect_ci_excludes_zero_on_an_overfit_model():
