@@ -76,9 +76,14 @@ def cmd_run(args) -> int:
         print(f"status {summary['status']}: {summary['error']}")
     print("final (union of hospitals' test sets): " + ", ".join(
         f"{k} {v:.3f}" for k, v in f.items() if v is not None))
+    stats = summary.get("attack", {}).get("stats") or {}
     for k, v in summary.get("attack", {}).items():
-        if isinstance(v, (int, float)):
+        if isinstance(v, (int, float)) and k not in stats:
             print(f"attack {k}: {v:.3f}")
+    from fedsec.attacks.nulls import describe
+
+    for k, st in stats.items():  # with its null, effect and 95% CI
+        print(f"attack {k}: {describe(st)}")
     print(f"results: {summary['path']}")
     return 0
 

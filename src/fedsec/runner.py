@@ -77,6 +77,7 @@ def hospital_names(scenario, task) -> list[str]:
 
 
 def build_summary(scenario, run_dir: RunDir, status: str, t0: float, error: str | None = None) -> dict:
+    from fedsec.attacks.nulls import attack_summary
     from fedsec.scenario import derived_threat_model
 
     rounds = run_dir.read_rounds()
@@ -102,7 +103,7 @@ def build_summary(scenario, run_dir: RunDir, status: str, t0: float, error: str 
         "rounds_planned": scenario.federation.rounds,
         "final": {k: last.get("global", {}).get(k) for k in METRIC_KEYS} if last else {},
         "per_hospital": last.get("per_hospital", {}),
-        "attack": last.get("attack", {}),
+        "attack": attack_summary(rounds, scenario),
         "defense": last.get("defense", {}),
         "privacy": privacy,
         "threat_model": derived_threat_model(scenario),

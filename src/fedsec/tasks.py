@@ -231,4 +231,9 @@ def build_task(scenario) -> Task:
         if not isinstance(limit, int) or limit < 1:
             raise FedsecError(f"task.options.max_train_per_hospital: expected an integer >= 1, got {limit!r}")
         data.train = [s.subset(range(min(limit, len(s)))) for s in data.train]
+    from fedsec.attacks.membership import holdout_fraction_of, reserve_holdout
+
+    fraction = holdout_fraction_of(scenario)
+    if fraction is not None:  # membership inference's non-members: never trained on
+        reserve_holdout(data, fraction, scenario.seed)
     return Task(scenario.task.name, data, scenario.task.model, dict(scenario.task.model_options or {}))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -144,11 +145,34 @@ def test_quickstart_in_containers_equals_simulation(image, tmp_path, capfd):
 
 
 def test_heart_four_hospitals_attack_robust_rule_equals_simulation(image, tmp_path, capfd):
+    """Each hospital's container mounts a folder holding its own UCI file only; the
+    SuperLink's container mounts no data. The numbers (pooled standardisation from the
+    hospitals' moments, the backdoor's success from their own test records) equal the
+    simulation's, which holds every row."""
+    from fedsec.data.heart import FILES_DIR, SITES
+
     heart = tmp_path / "integrity_heart_docker.yaml"
     heart.write_text(HEART_YAML)
+    folders = {}
+    for i, site in enumerate(SITES):
+        d = tmp_path / "data" / site
+        d.mkdir(parents=True)
+        shutil.copyfile(FILES_DIR / SITES[site], d / SITES[site])
+        folders[i] = str(d)
+    mounts = {}
+
+    def inspect(dep):
+        for c in [dep.superlink, *dep.hospitals.values()]:
+            got = json.loads(_docker("inspect", "--format", "{{json .Mounts}}", c.name))
+            mounts[c.role if c.role == "superlink" else c.node.name] = {m["Destination"]: m["Source"] for m in got}
+
     t0 = time.perf_counter()
-    summary = docker_deploy.deploy_docker(heart, out=tmp_path / "docker", image=image)
+    summary = docker_deploy.deploy_docker(heart, out=tmp_path / "docker", image=image, data_dirs=folders,
+                                          _fault=inspect)
     docker_s = time.perf_counter() - t0
+    assert "/data" not in mounts["superlink"]
+    for i, site in enumerate(SITES):
+        assert mounts[site]["/data"] == folders[i]
     progress = [ln for ln in capfd.readouterr().err.splitlines() if "[fedsec deploy] round" in ln]
     sim = fedsec.run(str(heart), out=tmp_path / "sim", progress=False)
     info = summary["deployment"]

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 
-from fedsec.attacks import inversion, leakage, membership
+from fedsec.attacks import inversion, leakage, membership, provenance
 from fedsec.attacks.base import AttackContext
 from fedsec.attacks.inversion import LocalTraining, flat_params, load_flat_params
 from fedsec.data.base import Split
@@ -311,7 +311,7 @@ def _overfit_toy():
 @pytest.mark.parametrize("score", ["loss", "confidence"])
 def test_membership_auroc_near_one_on_overfit_model(score):
     model, members, non_members = _overfit_toy()
-    ctx = AttackContext(extra={"members": {0: members}, "non_members": {0: non_members}})
+    ctx = AttackContext(extra={"members": {0: members}, "holdout": {0: non_members}})
     metrics = membership.LossThresholdMIA(score=score).evaluate(model, non_members, ctx)
     assert metrics["auroc_h0"] > 0.95 and metrics["auroc_mean"] == metrics["auroc_h0"]
     assert metrics["advantage_h0"] > 0.8
@@ -323,14 +323,16 @@ def test_membership_auroc_near_half_on_untrained_model():
     same = lambda n: Split(torch.randn(n, 10), torch.randint(0, 3, (n,)))  # noqa: E731
     ctx = AttackContext(extra={"members": {0: same(1000), 1: same(1000)},
                                "non_members": {0: same(1000), 1: same(1000)}})
-    metrics = membership.LossThresholdMIA(target_hospital=[1]).evaluate(model, same(1), ctx)
-    assert set(metrics) == {"auroc_h1", "advantage_h1", "auroc_mean", "auroc_max", "advantage_mean"}
+    metrics = membership.LossThresholdMIA(target_hospital=[1], non_members="test").evaluate(model, same(1), ctx)
+    assert set(metrics) == {"auroc_h1", "advantage_h1", "auroc_stratified_h1", "auroc_mean", "auroc_max",
+                            "advantage_mean", "auroc_stratified_mean", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr",
+                            "stats"}
     assert 0.44 < metrics["auroc_h1"] < 0.56
 
 
 def test_calibrated_membership_on_overfit_model():
     model, members, non_members = _overfit_toy()
-    ctx = AttackContext(extra={"members": {0: members}, "non_members": {0: non_members}})
+    ctx = AttackContext(extra={"members": {0: members}, "holdout": {0: non_members}})
     attack = membership.CalibratedLossMIA(ref_epochs=5)
     metrics = attack.evaluate(model, non_members, ctx)
     assert metrics["auroc_h0"] > 0.9
@@ -343,7 +345,8 @@ def test_calibrated_membership_on_overfit_model():
 
 PRESETS = {"dlg": inversion.INVERSION_ATTACKS, "idlg": inversion.INVERSION_ATTACKS,
            "inverting_gradients": inversion.INVERSION_ATTACKS, "tabular_inversion": inversion.INVERSION_ATTACKS,
-           "membership_loss": membership.MEMBERSHIP_ATTACKS, "membership_calibrated": membership.MEMBERSHIP_ATTACKS}
+           "membership_loss": membership.MEMBERSHIP_ATTACKS, "membership_calibrated": membership.MEMBERSHIP_ATTACKS,
+           "record_provenance": {"record_provenance": provenance.RecordProvenance}}
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))

@@ -225,6 +225,9 @@ def report_run(run_dir: Path, metric: str = "auroc", out: Path | None = None) ->
     rows = [["union", *(_fmt(final.get(k)) for k in final)]]
     rows += [[h, *(_fmt((v or {}).get(k)) for k in final)] for h, v in ph.items()]
     sections.append(("final", "Final metrics", _table_html(headers, rows)))
+    nulls_html = attack_nulls_html(s.get("attack") or {})
+    if nulls_html:
+        sections.append(("nulls", "Attack metrics against their nulls", nulls_html))
     sections.append(("reconstructions", "Reconstructions", _reconstructions([run])))
     ledger = _privacy_ledger_html(s)
     if ledger:
@@ -256,6 +259,40 @@ def _privacy_ledger_html(s: dict) -> str:
     if s.get("status") == "budget_exhausted":
         text += f"<p>The run ended early: {html.escape(str(s.get('error')))}</p>"
     return text + _table_html(headers, rows)
+
+
+def attack_nulls_html(attack: dict) -> str:
+    """summary.json's ``attack.stats`` (each metric with its null, effect and 95% CI; "at floor"
+    when the effect's CI includes 0), ``durability`` and ``main_task_cost`` as HTML ("" if none)."""
+    stats = attack.get("stats") or {}
+    parts = []
+    if stats:
+        rows = []
+        for name, st in stats.items():
+            ci, eci = st.get("ci") or [None, None], st.get("effect_ci") or [None, None]
+            verdict = ("at floor: no detectable difference" if st.get("at_floor") is True
+                       else "above its null" if st.get("at_floor") is False else "")
+            rows.append([name, _fmt(st.get("value")), f"[{_fmt(ci[0])}, {_fmt(ci[1])}]",
+                         f"{_fmt(st.get('null'))} ({st.get('null_kind') or '?'})", _fmt(st.get("effect")),
+                         f"[{_fmt(eci[0])}, {_fmt(eci[1])}]", verdict])
+        parts.append("<p>Each attack metric beside the same metric where the attack cannot work (its null), "
+                     "with 95% bootstrap intervals over the records scored.</p>")
+        parts.append(_table_html(["metric", "value", "95% CI", "null", "effect", "effect 95% CI", "verdict"], rows))
+    d = attack.get("durability")
+    if d:
+        after = ", ".join(f"{k} round(s) later {_fmt(v)}" for k, v in (d.get("after") or {}).items())
+        back = (f"back at its floor {d['rounds_to_floor']} round(s) after the attack stopped"
+                if d.get("rounds_to_floor") is not None
+                else f"not back at its floor within the {d.get('censored_after')} round(s) watched")
+        parts.append(f"<p>Durability ({html.escape(str(d.get('attack')))}, rounds {d['window'][0]}-{d['window'][1]}): "
+                     f"{html.escape(d.get('metric', ''))} {_fmt(d.get('at_end_of_attack'))} at the end of the attack; "
+                     f"{html.escape(after)}; {back}.</p>")
+    cost = attack.get("main_task_cost")
+    if cost:
+        items = "; ".join(f"{k} {_fmt(v['attacked'])} vs {_fmt(v['no_attack'])} without the attack "
+                          f"(cost {_fmt(v['cost'])})" for k, v in cost.items() if isinstance(v, dict))
+        parts.append(f"<p>Main-task cost against the no-attack run of the same seed: {html.escape(items)}.</p>")
+    return "".join(parts)
 
 
 def _fmt(v, digits=3):

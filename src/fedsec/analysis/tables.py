@@ -86,6 +86,10 @@ def collect_rows(sweep_dir) -> tuple[list[dict], list[str]]:
         for k, v in attack.items():
             if _num(v) is not None:
                 row[f"attack.{k}"] = float(v)
+        for k, st in (attack.get("stats") or {}).items():  # each metric's null and effect (fedsec.attacks.nulls)
+            for part in ("null", "effect"):
+                if _num((st or {}).get(part)) is not None:
+                    row[f"attack.{k}.{part}"] = float(st[part])
         name, value = attack_metric_of(attack)
         row["attack_metric"], row["attack_value"] = name, value
         flagged = ((summary or {}).get("defense") or {}).get("flagged")

@@ -130,9 +130,12 @@ class Backdoor(Attack):
         poison_fraction: float = option(0.5, "share of the hospital's training rows poisoned", min=0.0, max=1.0)
         boost: Union[float, Literal["auto"], None] = option(1.0, "update boost; auto = hospitals / malicious")
         norm_bound: Optional[float] = option(None, "L2 bound of the boosted update (null: none)", gt=0.0)
+        null_run: Optional[str] = option(None, "results folder of the no-attack run of the same seed: its final "
+                                               "model gives the ASR floor (null: the untrained model)")
 
     def __init__(self, **options):
         super().__init__(**options)
+        self._null_cache: dict = {}
         t = self.options["target"]
         if not isinstance(t, int) or isinstance(t, bool) or t < 0:
             raise self.option_error("target", "must be a class index (integer >= 0)")
@@ -141,6 +144,19 @@ class Backdoor(Attack):
         check_factor_option(self, "boost")
         self.norm_bound = check_norm_bound(self)
         self.last_poisoned = torch.zeros(0, dtype=torch.long)  # rows poisoned by the last call
+
+    def check(self, num_hospitals, malicious, key=""):
+        """``null_run`` names a finished run's folder (checked when the scenario loads)."""
+        run = self.options.get("null_run")
+        if run is None:
+            return
+        from pathlib import Path
+
+        path = Path(str(run)).expanduser()
+        missing = [f for f in ("summary.json", "checkpoint.pt") if not (path / f).is_file()]
+        if not isinstance(run, str) or missing:
+            raise self.option_error("null_run", "must be the results folder of a finished no-attack run "
+                                                f"(missing {', '.join(missing) or 'a path'})")
 
     # --- triggers ----------------------------------------------------------------------------
     def trigger(self, x: torch.Tensor, ctx: AttackContext | None = None) -> Trigger:
@@ -172,28 +188,114 @@ class Backdoor(Attack):
             return local_params
         return scaled_params(global_params, local_params, parse_factor(self, "boost", ctx), self.norm_bound)
 
-    def evaluate(self, model, test: Split, ctx: AttackContext) -> dict:
-        """``asr`` over ``test``: see :meth:`evaluate_records`."""
-        return self.mean_of_records(self.evaluate_records(model, test, ctx))
-
-    def evaluate_records(self, model, test: Split, ctx: AttackContext) -> dict[str, torch.Tensor]:
-        """``asr``: share of triggered test inputs whose true label is not ``target`` that the
-        model classifies as ``target`` (multi-label: inputs without the target label whose
-        target logit becomes > 0); per record 1.0 / 0.0, NaN for inputs that already have the
-        target label. NaN overall when every test input already has the target label."""
+    def _hits(self, model, test: Split, ctx) -> torch.Tensor | None:
+        """Bool [M]: each triggered non-target test input classified as ``target``."""
         multilabel = test.y.dim() == 2
         keep = test.y[:, self.target] < 0.5 if multilabel else test.y != self.target
-        out = torch.full((len(test.y),), float("nan"), dtype=torch.float64)
         x = test.x[keep]
         if len(x) == 0:
-            return {"asr": out}
+            return None
         triggered = self.apply_trigger(x, ctx)
         if multilabel:
-            hits = model_logits(model, triggered)[:, self.target] > 0
+            return model_logits(model, triggered)[:, self.target] > 0
+        return predict_labels(model, triggered) == self.target
+
+    def null_model(self, ctx):
+        """(model, kind) the ASR floor is measured on: the final model of ``null_run`` (the
+        no-attack run of the same seed) when given, else the run's untrained initial model.
+        None when the context cannot build a model (unit tests without a task). Cached: a
+        function of the options and the seed only."""
+        extra = (ctx.extra or {}) if ctx is not None else {}
+        make = extra.get("model_fn")
+        scenario = extra.get("scenario")
+        if make is None:
+            return None, None
+        seed = int(getattr(scenario, "seed", 0) or 0)
+        run = self.options.get("null_run")
+        key = ("model", run, seed)
+        if key in self._null_cache:
+            return self._null_cache[key]
+        if run:
+            from pathlib import Path
+
+            from fedsec.results import RunDir, read_json
+
+            path = Path(str(run)).expanduser()
+            try:
+                ckpt = RunDir(path).load_checkpoint() if (path / "checkpoint.pt").exists() else None
+                other = read_json(path / "summary.json")
+            except (OSError, ValueError):
+                ckpt, other = None, None
+            if ckpt is None or other is None:
+                raise self.option_error("null_run", "is not a finished fedsec run (no checkpoint.pt / summary.json)")
+            if other.get("seed") != seed or (other.get("attack") or {}):
+                raise self.option_error("null_run", f"must be the no-attack run of the same seed ({seed}); "
+                                                    f"that run has seed {other.get('seed')} or an attack")
+            m = make()
+            m.load_state_dict(ckpt["state"])
+            self._null_cache[key] = (m.eval(), "no_attack_run")
         else:
-            hits = predict_labels(model, triggered) == self.target
-        out[keep] = hits.double()
-        return {"asr": out}
+            self._null_cache[key] = (make(seed=seed).eval(), "untrained")
+        return self._null_cache[key]
+
+    def evaluate_records(self, model, test: Split, ctx: AttackContext) -> dict[str, torch.Tensor]:
+        """Per test record (NaN where it does not count): ``asr`` 1/0 for a triggered input
+        whose true label is not ``target`` classified as ``target`` (multi-label: target logit
+        > 0); ``asr@null`` the same under the null model (:meth:`null_model`); with
+        ``null_run``, ``correct`` / ``correct@null`` / ``label`` for the main-task cost.
+        Each hospital computes these on its own test records; :meth:`summarise_records`
+        turns the pooled records into the metrics."""
+        multilabel = test.y.dim() == 2
+        keep = test.y[:, self.target] < 0.5 if multilabel else test.y != self.target
+        nan = torch.full((len(test.y),), float("nan"), dtype=torch.float64)
+        hits = self._hits(model, test, ctx)
+        out = {"asr": nan.clone()}
+        if hits is None:
+            return out
+        out["asr"][keep] = hits.double()
+        null, kind = self.null_model(ctx)
+        if null is not None:
+            out["asr@null"] = nan.clone()
+            out["asr@null"][keep] = self._hits(null, test, ctx).double()
+            if kind == "no_attack_run" and not multilabel:
+                out["correct"] = (predict_labels(model, test.x) == test.y).double()
+                out["correct@null"] = (predict_labels(null, test.x) == test.y).double()
+                out["label"] = test.y.double()
+        return out
+
+    def summarise_records(self, records: dict[str, torch.Tensor], seed: int = 0) -> dict:
+        """``asr`` (the mean over counted records) and, when the null's records are there,
+        ``stats.asr``: its null (the no-attack run's model with ``null_run``, else the
+        untrained model), effect and 95% paired bootstrap CIs over the triggered records;
+        with ``null_run`` also ``stats.main_task_balanced_accuracy`` (balanced accuracy of
+        the attacked model against the no-attack run's: effect < 0 is the main-task cost)."""
+        from fedsec.attacks.nulls import mean_stat
+
+        asr = records["asr"].double()
+        keep = ~torch.isnan(asr)
+        if not bool(keep.any()):
+            return {"asr": float("nan")}
+        out = {"asr": float(asr[keep].mean())}
+        if "asr@null" in records:
+            kind = "no_attack_run" if self.options.get("null_run") else "untrained"
+            out["stats"] = {"asr": mean_stat(asr[keep].numpy(), records["asr@null"].double()[keep].numpy(), kind,
+                                             seed)}
+            if "correct" in records:
+                y = records["label"].numpy()
+                classes, counts = np.unique(y, return_counts=True)
+                weight = np.zeros(len(y))
+                for c, n in zip(classes, counts):
+                    weight[y == c] = len(y) / (n * len(classes))  # mean over records of weight*correct = BA
+                out["stats"]["main_task_balanced_accuracy"] = mean_stat(
+                    records["correct"].numpy() * weight, records["correct@null"].numpy() * weight,
+                    "no_attack_run", seed)
+        return out
+
+    def evaluate(self, model, test: Split, ctx: AttackContext) -> dict:
+        """The metrics of :meth:`summarise_records` on ``test`` at once (the server's path
+        when it holds the test data; the same numbers as pooling the hospitals' records)."""
+        seed = int(getattr(((ctx.extra or {}) if ctx is not None else {}).get("scenario"), "seed", 0) or 0)
+        return self.summarise_records(self.evaluate_records(model, test, ctx), seed)
 
 
 @ATTACKS.register()

@@ -222,6 +222,13 @@ class Attack:
         implementing this need not implement :meth:`evaluate`."""
         return {}
 
+    def summarise_records(self, records: dict[str, torch.Tensor], seed: int = 0) -> dict:
+        """The pooled per-record outcomes of :meth:`evaluate_records` (every evaluated
+        hospital's, in hospital order) -> the round's metrics. Default: the mean of each
+        metric over its counted records; names with "@" are auxiliary (e.g. the null's
+        outcomes) and left to the attack's own summary."""
+        return {k: v for k, v in self.mean_of_records(records).items() if "@" not in k}
+
     @staticmethod
     def mean_of_records(records: dict[str, torch.Tensor]) -> dict[str, float]:
         """metric -> nanmean of its per-record outcomes (NaN when no record counts)."""

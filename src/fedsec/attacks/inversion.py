@@ -834,9 +834,12 @@ class GradientInversionAttack(Attack):
         local_sgd.batch_size = min(local_sgd.batch_size, num_images)
         return local_sgd, num_images, n
 
-    def score(self, result: InversionResult, truth, input_shape) -> dict:
+    def score(self, result: InversionResult, truth, input_shape, population=None) -> dict:
         """Scores against the truth batch (after Hungarian matching; when the truth batch is
-        larger than the reconstruction, against the matched truth samples only)."""
+        larger than the reconstruction, against the matched truth samples only).
+        ``population``: ``[C, H, W]`` mean image of records other than the target's (the null:
+        a reconstruction that knows only the population); then ``stats`` gives PSNR / SSIM
+        against that null with paired bootstrap CIs over the images."""
         from fedsec.attacks import leakage
 
         metrics = {}
@@ -846,6 +849,17 @@ class GradientInversionAttack(Attack):
             rec, ref = result.x[ri], truth.x[ti].to(result.x.dtype)
             metrics["psnr"] = leakage.psnr(rec, ref)
             metrics["ssim"] = leakage.ssim(rec, ref)
+            if population is not None:
+                from fedsec.attacks.nulls import mean_stat
+
+                mean = population.to(ref.dtype).expand_as(ref)
+                p_rec = leakage.psnr(rec, ref, reduction="none").clamp(max=100.0).numpy()
+                p_null = leakage.psnr(mean, ref, reduction="none").clamp(max=100.0).numpy()
+                s_rec = leakage.ssim(rec, ref, reduction="none").numpy()
+                s_null = leakage.ssim(mean, ref, reduction="none").numpy()
+                metrics["psnr_null"], metrics["ssim_null"] = float(p_null.mean()), float(s_null.mean())
+                metrics["stats"] = {"psnr": mean_stat(p_rec, p_null, "population_mean"),
+                                    "ssim": mean_stat(s_rec, s_null, "population_mean")}
             if len(truth) > len(result.x):
                 true_labels = truth.y[ti]
         if true_labels.dtype == torch.long:
@@ -879,7 +893,7 @@ class GradientInversionAttack(Attack):
                        "num_samples": n, "local_steps": local.steps,
                        "on_aggregate": 1.0 if hospital is None else 0.0}
             if truth is not None:
-                metrics.update(self.score(result, truth, shape))
+                metrics.update(self.score(result, truth, shape, population_mean(extra.get("truth"), key_h, shape)))
                 out_dir = extra.get("out_dir")
                 if self.save_grid and out_dir is not None and len(shape) == 3:
                     from fedsec.attacks import leakage
@@ -892,6 +906,17 @@ class GradientInversionAttack(Attack):
             prefix = "" if len(targets) == 1 else f"h{key_h}/"
             out.update({prefix + k: v for k, v in metrics.items()})
         return out
+
+
+def population_mean(truth, hospital, shape) -> torch.Tensor | None:
+    """The inversion null: the mean image of every other hospital's records (what a server that
+    knows only the population would "reconstruct"); None for tabular data or a lone hospital."""
+    if not isinstance(truth, dict) or len(shape) != 3:
+        return None
+    others = [s.x for h, s in truth.items() if h != hospital and len(s)]
+    if not others:
+        return None
+    return torch.cat([x.reshape(len(x), *shape).double() for x in others]).mean(0).float()
 
 
 @ATTACKS.register()
@@ -1005,7 +1030,7 @@ class TabularInversionAttack(GradientInversionAttack):
         return tabular_inversion(model, global_params, update, int(input_shape[0]), num_images, local=local,
                                  seed=seed, device=self.device, model_mode=self.model_mode, **self.method_options)
 
-    def score(self, result, truth, input_shape) -> dict:
+    def score(self, result, truth, input_shape, population=None) -> dict:
         from fedsec.attacks import leakage
 
         errs = leakage.tabular_errors(result.x, truth.x, tol=self.tol)

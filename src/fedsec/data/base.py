@@ -52,6 +52,9 @@ class FederatedDataset:
     feature_names: list[str] = field(default_factory=list)
     modality: str = "tabular"  # "tabular" | "image"
     root: Split | None = None
+    # Records of each hospital reserved out of training (membership inference's non-members;
+    # see fedsec.attacks.membership.reserve_holdout), or None.
+    holdout: list[Split] | None = None
     # What built it, for the resolved run record and reports (e.g. source path, partition
     # options, each hospital's acquisition-shift profile). Free-form, JSON-serialisable.
     info: dict = field(default_factory=dict)

@@ -117,6 +117,9 @@ def server_data_needs(scenario) -> list[str]:
         if p.has("observe"):
             needs.append(f"attacks[{i}] ({p.name}) is an observer scored against the hospitals' true records, "
                          "which only a simulation has")
+        elif p.attack.options.get("null_run"):
+            needs.append(f"attacks[{i}].null_run names a results folder on this machine, which the hospitals' "
+                         "nodes cannot read")
         elif p.has("evaluate") and not p.has("evaluate_records"):
             needs.append(f"attacks[{i}] ({p.name}) is evaluated by the server on the hospitals' records "
                          "(its metric cannot be computed on each hospital's own test data)")

@@ -226,7 +226,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     model.eval()
     for p in plans:
         if p.has("evaluate_records"):
-            ctx = AttackContext(int(config["server-round"]), hospital, p.hospitals, federation_size(task), task, None)
+            ctx = AttackContext(int(config["server-round"]), hospital, p.hospitals, federation_size(task), task, None,
+                                extra={"model_fn": task.make_model, "scenario": scenario})
             with torch.no_grad():
                 for k, v in p.attack.evaluate_records(model, test, ctx).items():
                     records[f"{p.index}/{k}"] = Array(v.double().numpy())

@@ -34,6 +34,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from fedsec.attacks.nulls import merge_attack_metrics
 from fedsec.attacks.base import AttackContext
 from fedsec.errors import FedsecError
 from fedsec.core.params import flatten_state, unflatten_state
@@ -498,8 +499,8 @@ class FedsecStrategy(FedAvg):
         for p in plans:
             ctx = AttackContext(rnd.number, None, p.hospitals, self.num_hospitals, self.server_task, rnd.generator,
                                 extra=self._observer_extra())
-            self._train_info["attack"].update(p.attack.observe(rnd.number, seen, aggregate, rnd.global_params,
-                                                               ctx) or {})
+            merge_attack_metrics(self._train_info["attack"], p.attack.observe(rnd.number, seen, aggregate,
+                                                                              rnd.global_params, ctx) or {})
 
     def aggregate(self, rnd: ServerRound) -> torch.Tensor:
         """Step 7. The aggregation rule on ``rnd.updates`` -> the aggregated update Tensor[d].
@@ -642,9 +643,9 @@ class FedsecStrategy(FedAvg):
         union = classification_metrics(torch.cat(all_scores), torch.cat(all_labels),
                                        sum(losses) / max(sum(counts), 1), multilabel)
         attack_metrics = dict(self._train_info.get("attack", {}))
-        attack_metrics.update(self._pool_attack_records(valid))
+        merge_attack_metrics(attack_metrics, self._pool_attack_records(valid))
         with self._server_rng(r):
-            attack_metrics.update(self._evaluate_attacks(r))
+            merge_attack_metrics(attack_metrics, self._evaluate_attacks(r))
         record = {
             "round": r,
             "time_s": time.perf_counter() - self._round_t0,
@@ -680,20 +681,18 @@ class FedsecStrategy(FedAvg):
         plans = [p for p in self.plans if p.has("evaluate_records")]
         if not plans:
             return {}
-        from fedsec.attacks.base import Attack
-
         pooled: dict[str, list[torch.Tensor]] = {}
         for m in valid:  # sorted by hospital id
             rec = m.content.array_records.get("attack-records")
             for key, arr in (rec.items() if rec is not None else []):
                 pooled.setdefault(key, []).append(torch.from_numpy(arr.numpy()))
-        out = {}
+        out: dict = {}
         for p in plans:
-            for key, parts in pooled.items():
-                index, _, metric = key.partition("/")
-                if index == str(p.index):
-                    out.update({self._metric_name(p, k): v
-                                for k, v in Attack.mean_of_records({metric: torch.cat(parts)}).items()})
+            records = {key.partition("/")[2]: torch.cat(parts) for key, parts in pooled.items()
+                       if key.partition("/")[0] == str(p.index)}
+            if records:
+                res = p.attack.summarise_records(records, seed=int(self.scenario.seed))
+                merge_attack_metrics(out, {self._metric_name(p, k): v for k, v in res.items()})
         return out
 
     def _evaluate_attacks(self, r: int) -> dict:
@@ -710,9 +709,10 @@ class FedsecStrategy(FedAvg):
         for p in plans:
             ctx = AttackContext(r, None, p.hospitals, self.num_hospitals, task, None,
                                 extra={**self._observer_extra(), "members": dict(enumerate(task.data.train)),
-                                       "non_members": dict(enumerate(task.data.test))})
+                                       "non_members": dict(enumerate(task.data.test)),
+                                       "holdout": dict(enumerate(task.data.holdout or []))})
             res = p.attack.evaluate(model, task.data.union_test(), ctx) or {}
-            out.update({self._metric_name(p, k): v for k, v in res.items()})
+            merge_attack_metrics(out, {self._metric_name(p, k): v for k, v in res.items()})
         return out
 
 
