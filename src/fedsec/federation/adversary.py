@@ -117,7 +117,7 @@ def server_data_needs(scenario) -> list[str]:
         if p.has("observe"):
             needs.append(f"attacks[{i}] ({p.name}) is an observer scored against the hospitals' true records, "
                          "which only a simulation has")
-        elif p.attack.options.get("null_run"):
+        elif (getattr(p.attack, "options", None) or {}).get("null_run"):
             needs.append(f"attacks[{i}].null_run names a results folder on this machine, which the hospitals' "
                          "nodes cannot read")
         elif p.has("evaluate") and not p.has("evaluate_records"):
