@@ -647,8 +647,18 @@ def check_data(scenario_path: str | os.PathLike, data_dir: str | os.PathLike, ho
     from fedsec.scenario import load_scenario
     from fedsec.tasks import build_task
 
+    from fedsec.registry import TASKS
+
     scenario = load_scenario(str(scenario_path))
     scenario.task.path = str(data_dir)
+    fed = scenario.federation
+    sites = list(fed.sites or TASKS.get(scenario.task.name).spec.sites or [])
+    if sites and str(dict(fed.partition).get("name", "natural")) == "natural":
+        # as the ClientApp does (client_app._own_site_only): the hospital reads only its own site
+        if hospital not in sites:
+            raise FedsecError(f"--hospital: give one of the scenario's hospitals ({', '.join(sites)}), "
+                              f"got {hospital!r}")
+        fed.sites = [hospital]
     task = build_task(scenario)
     names = list(task.data.hospitals)
     if hospital is not None and hospital not in names and len(names) > 1:
