@@ -271,8 +271,16 @@ def write_tables(sweep_dir, rows: str | None = None, cols: str | None = None, me
     atomic_write(sweep_dir / "summary.csv", buf.getvalue())
 
     atomic_write(sweep_dir / "summary.md", summary_markdown(meta, agg, extra, row_key, col_key, metric, data))
-    return {"sweep_csv": sweep_dir / "sweep.csv", "summary_csv": sweep_dir / "summary.csv",
-            "summary_md": sweep_dir / "summary.md"}
+    paths = {"sweep_csv": sweep_dir / "sweep.csv", "summary_csv": sweep_dir / "summary.csv",
+             "summary_md": sweep_dir / "summary.md"}
+    from fedsec.analysis.hospitals import write_harm_tables
+
+    paths.update(write_harm_tables(sweep_dir, data, keys, row_key, col_key))
+    if meta.get("strongest"):
+        from fedsec.analysis.strongest import write_strongest
+
+        paths.update(write_strongest(sweep_dir, metric))
+    return paths
 
 
 def format_cell(a: dict | None) -> str:

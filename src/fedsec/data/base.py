@@ -52,6 +52,9 @@ class FederatedDataset:
     feature_names: list[str] = field(default_factory=list)
     modality: str = "tabular"  # "tabular" | "image"
     root: Split | None = None
+    # ``val[i]``: records hospital i set aside from its training data (``task.options.val_fraction``);
+    # never trained on, never the test set. Read by the strongest-attack selection (fedsec.analysis.strongest).
+    val: list[Split] | None = None
     # What built it, for the resolved run record and reports (e.g. source path, partition
     # options, each hospital's acquisition-shift profile). Free-form, JSON-serialisable.
     info: dict = field(default_factory=dict)
