@@ -359,7 +359,7 @@ def load_sweep_file(path) -> SweepFile:
     scen = data.get("scenario")
     if not isinstance(scen, str) or not scen.strip():
         raise ScenarioError("expected the path of a scenario file", file=src, key="scenario")
-    scen_path = (p.parent / scen) if not Path(scen).is_absolute() else Path(scen)
+    scen_path = Path(os.path.normpath(p.parent / scen)) if not Path(scen).is_absolute() else Path(scen)
     if not scen_path.is_file():
         raise ScenarioError(f"no such scenario file: {scen_path}", file=src, key="scenario")
     ovs = data.get("overrides") or []
