@@ -79,7 +79,10 @@ def hospital_numbers(row: dict, metric: str = HOSPITAL_METRIC, exclude: set | No
     per = (row.get("_summary") or {}).get("per_hospital") or {}
     if not per:
         return None
-    sizes = hospital_sizes(row)
+    try:
+        sizes = hospital_sizes(row)
+    except Exception:  # noqa: BLE001 - the task's data cannot be built here: no "smallest"
+        sizes = {}
     names = list(sizes) if sizes else list(per)
     bad = malicious_names(row, names) | set(exclude or ())
     benign = {h: m.get(metric) for h, m in per.items() if h not in bad and isinstance(m, dict)}
@@ -87,8 +90,19 @@ def hospital_numbers(row: dict, metric: str = HOSPITAL_METRIC, exclude: set | No
     if not valued:
         return None
     worst = min(valued, key=lambda h: (valued[h], h))
-    smallest = min(benign, key=lambda h: (sizes.get(h, float("inf")), h))
-    return {"worst": (worst, valued[worst]), "smallest": (smallest, benign[smallest])}
+    smallest = min(benign, key=lambda h: (sizes.get(h, float("inf")), h)) if sizes else None
+    return {"worst": (worst, valued[worst]),
+            "smallest": (smallest, benign[smallest]) if smallest is not None else ("?", None)}
+
+
+def _benign_of(row: dict, metric: str) -> set[str]:
+    """Names of the benign hospitals of a run (its attack's hospitals left out)."""
+    per = (row.get("_summary") or {}).get("per_hospital") or {}
+    try:
+        names = list(hospital_sizes(row)) or list(per)
+    except Exception:  # noqa: BLE001
+        names = list(per)
+    return set(per) - malicious_names(row, names)
 
 
 def _is_none(v) -> bool:
@@ -116,7 +130,8 @@ def harm_table(rows: list[dict], keys: list[str], row_key: str | None, col_key: 
             h = hospital_numbers(r, metric)
             if h is not None:
                 mine[seed] = h
-                excluded[seed] = malicious_names(r, list(hospital_sizes(r)) or list(r["_summary"]["per_hospital"]))
+                excluded[seed] = {h for h in r["_summary"]["per_hospital"] if h not in
+                                  _benign_of(r, metric)}
         if null is not None and g[0] != null:
             ref_rows, against = by_seed.get((null, g[1]), {}), "no attack, same defense"
         elif null is not None and col_key and g[1] != REFERENCE_DEFENSE and (null, REFERENCE_DEFENSE) in by_seed:
