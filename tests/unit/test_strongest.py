@@ -320,3 +320,21 @@ def test_influence_of_one_scaled_hospital_is_bounded_by_the_size_aware_rule():
     assert fed_large > 50 * fed_small / 10  # FedAvg: grows with the scale
     assert sa_large < 1.1 * sa_small  # trimmed away: a 100x larger scale barely matters
     assert sa_large < 0.2
+
+
+def test_risk_matrix_gains_a_strongest_row_naming_the_winner(tmp_path, monkeypatch):
+    from fedsec.analysis.matrix import STRONGEST_ROW, add_strongest_row, build_matrix
+    from fedsec.analysis.tables import collect_rows
+
+    sweep_dir = make_fake_strongest(tmp_path)
+    monkeypatch.setattr(st, "_task", lambda *a, **k: pytest.fail("the selection built a task"))
+    res = st.strongest(sweep_dir, "auroc")
+    rows, keys = collect_rows(sweep_dir)
+    m = build_matrix(rows, keys, "attacks", "strategy", "auroc")
+    add_strongest_row(m, res)
+    assert m.attacks[-1] == STRONGEST_ROW and m.groups[-1][1] == [STRONGEST_ROW]
+    c = m.cells[(STRONGEST_ROW, "median")]
+    assert c.winner == "loud"
+    assert c.utility == pytest.approx(0.79)  # the winner's test numbers
+    assert c.effect["low"] is not None and c.effect["kind"] == "damage"
+    assert c.reading.startswith("The coordinate-wise median: strongest of 3 candidate(s) on validation is loud")
