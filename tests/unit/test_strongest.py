@@ -338,3 +338,25 @@ def test_risk_matrix_gains_a_strongest_row_naming_the_winner(tmp_path, monkeypat
     assert c.utility == pytest.approx(0.79)  # the winner's test numbers
     assert c.effect["low"] is not None and c.effect["kind"] == "damage"
     assert c.reading.startswith("The coordinate-wise median: strongest of 3 candidate(s) on validation is loud")
+
+
+def test_val_fraction_holds_out_a_stratified_disjoint_share_of_each_hospital():
+    from fedsec.scenario import load_scenario
+    from fedsec.tasks import build_task
+
+    plain = build_task(load_scenario(HEART_SWEEP)).data
+    data = build_task(load_scenario(HEART_SWEEP, ["task.options.val_fraction=0.2"])).data
+    again = build_task(load_scenario(HEART_SWEEP, ["task.options.val_fraction=0.2"])).data
+    other_seed = build_task(load_scenario(HEART_SWEEP, ["task.options.val_fraction=0.2", "seed=1"])).data
+    for h in range(4):
+        full, tr, va = plain.train[h], data.train[h], data.val[h]
+        assert len(tr) + len(va) == len(full)
+        for c in (0, 1):  # stratified: round(0.2 x the class's records) per class
+            assert int((va.y == c).sum()) == round(0.2 * int((full.y == c).sum()))
+        rows = {tuple(r) for r in full.x.tolist()}
+        assert {tuple(r) for r in tr.x.tolist()} | {tuple(r) for r in va.x.tolist()} <= rows
+        assert not ({tuple(r) for r in tr.x.tolist()} & {tuple(r) for r in va.x.tolist()})
+        assert torch.equal(va.x, again.val[h].x)  # the same records for the same seed
+        assert torch.equal(data.test[h].x, plain.test[h].x)  # the test split is untouched
+    assert any(not torch.equal(data.val[h].x, other_seed.val[h].x) for h in range(4))
+    assert [len(v) for v in data.val] == [40, 35, 6, 17]
