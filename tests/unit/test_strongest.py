@@ -149,7 +149,6 @@ def test_strongest_is_selected_on_validation_and_reported_on_test(tmp_path, monk
 
 
 def test_strongest_backdoor_effect_is_asr_over_the_clean_floor(tmp_path, monkeypatch):
-    global VAL
     sweep_dir = make_fake_strongest(tmp_path)
     # make the backdoor win on validation by raising its validation ASR
     for cell in (sweep_dir / "cells").iterdir():
@@ -174,7 +173,7 @@ def test_validation_numbers_never_read_the_test_split(tmp_path, monkeypatch):
     """A real one-round run with a backdoor; its validation numbers are the same when every
     test record is poisoned (labels flipped, features scaled x100)."""
     import fedsec
-    import fedsec.tasks as tasks
+    from fedsec import tasks
 
     run = tmp_path / "run"
     fedsec.run(str(HEART_SWEEP), overrides=["federation.rounds=1", "engine.name=inline",

@@ -26,7 +26,13 @@ import io
 from pathlib import Path
 
 from fedsec.analysis.runs import NO_ATTACK, REFERENCE_DEFENSE
-from fedsec.analysis.tables import FINISHED, _mean_std, default_axes, paired_difference, t_interval
+from fedsec.analysis.tables import (
+    FINISHED,
+    _mean_std,
+    default_axes,
+    paired_difference,
+    t_interval,
+)
 
 HOSPITAL_METRIC = "accuracy"
 _SIZES: dict = {}
@@ -144,7 +150,7 @@ def harm_table(rows: list[dict], keys: list[str], row_key: str | None, col_key: 
         entry = {"row": g[0], "col": g[1], "metric": metric, "n": len(mine), "against": against}
         for which in ("worst", "smallest"):
             vals = [mine[s][which][1] for s in mine]
-            mean, std, n = _mean_std(vals)
+            mean, _std, _n = _mean_std(vals)
             low, high = t_interval(vals)
             hosp = sorted({mine[s][which][0] for s in mine})
             seeds = sorted(set(mine) & set(ref), key=str)

@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import torch
 
+from fedsec.registry import RULES
 from fedsec.strategies.base import FaultTolerantRule, RuleContext, RuleResult
 from fedsec.strategies.coordinatewise import column_blocks
-from fedsec.registry import RULES
 
 
 def capped_weights(counts: torch.Tensor, max_share: float) -> torch.Tensor:
