@@ -742,11 +742,16 @@ def validate(s: Scenario, file: str = "<scenario>") -> None:
     except ScenarioError as e:
         rekey(e, "")
     spec = _task_spec(s.task.name)
+    from fedsec.tasks import _GENERIC_OPTIONS as generic
+
     for k in s.task.options or {}:
-        if k not in spec.options and k != "max_train_per_hospital":
+        if k not in spec.options and k not in generic:
             err(f"task.options.{k}", f"not an option of task '{s.task.name}'"
-                                     f"{did_you_mean(k, list(spec.options))}; options: "
-                                     f"{', '.join(sorted(spec.options)) or 'none'}, max_train_per_hospital")
+                                     f"{did_you_mean(k, list(spec.options) + list(generic))}; options: "
+                                     f"{', '.join(sorted(spec.options)) or 'none'}, {', '.join(generic)}")
+    vf = (s.task.options or {}).get("val_fraction")
+    if vf is not None and (isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0 <= vf < 1):
+        err("task.options.val_fraction", f"expected a number in [0, 1), got {vf!r}")
     try:
         check_options(MODELS.get(s.task.model), s.task.model_options, "task.model_options",
                       f"model '{s.task.model}'")

@@ -174,24 +174,280 @@ def cell_id(values: dict[str, str], seed: int | None, overrides: list[str]) -> s
     return f"{readable}-{h}"
 
 
-def expand(grid: dict[str, list[str]], seeds: list[int] | None, base_overrides: list[str] | None = None) -> list[Cell]:
-    """The cartesian product of the grid's values x seeds (seeds innermost)."""
+def override_text(key: str, value) -> str:
+    """``key=value`` with the value written as one line of YAML (what parse_override reads back)."""
+    import yaml
+
+    if isinstance(value, str):
+        return f"{key}={value}"
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30).strip()
+    if text.endswith("\n..."):
+        text = text[: -len("\n...")]
+    elif text.endswith("..."):
+        text = text[:-3].strip()
+    return f"{key}={text}"
+
+
+_LABEL = re.compile(r"^[A-Za-z0-9._+-]+$")
+
+
+def normalize_grid(grid, source: str = "command line", where: str = "grid") -> dict[str, dict[str, list[str]]]:
+    """Every grid axis as ``{label: [override, ...]}``.
+
+    A plain value ``v`` of axis ``k`` is the label ``v`` standing for the one override ``k=v``.
+    A *labelled* axis (a sweep file's mapping) gives each label its own overrides::
+
+        grid:
+          defense:
+            median: {strategy: median}
+            clipped: {strategy: norm_bounding, strategy.norm_bound: 1.0}
+
+    Problems raise ScenarioError naming the key path (``grid.defense.clipped``), exit 2.
+    """
+    out: dict[str, dict[str, list[str]]] = {}
+    if not grid:
+        return out
+    if not isinstance(grid, dict):
+        raise ScenarioError(f"expected a mapping of axis: values, got {type(grid).__name__}", file=source, key=where)
+    for axis, values in grid.items():
+        path = f"{where}.{axis}"
+        if not isinstance(axis, str) or not axis.strip() or "=" in axis or "," in axis:
+            raise ScenarioError(f"a grid axis must be a name without '=' or ',', got {axis!r}", file=source, key=path)
+        if isinstance(values, dict):
+            if not values:
+                raise ScenarioError("a labelled axis needs at least one label", file=source, key=path)
+            axis_out: dict[str, list[str]] = {}
+            for label, ovs in values.items():
+                lpath = f"{path}.{label}"
+                if isinstance(label, bool) or not isinstance(label, (str, int, float)) or not _LABEL.match(str(label)):
+                    raise ScenarioError(f"a label must be a word of letters, digits, '.', '_', '+' or '-', got "
+                                        f"{label!r}", file=source, key=lpath)
+                if isinstance(ovs, dict):
+                    if not ovs:
+                        raise ScenarioError("a label needs at least one override (key: value)", file=source, key=lpath)
+                    for k in ovs:
+                        if not isinstance(k, str) or not k.strip() or "=" in k:
+                            raise ScenarioError(f"an override key must be a key path like strategy.trim, got {k!r}",
+                                                file=source, key=f"{lpath}.{k}")
+                    axis_out[str(label)] = [override_text(k, v) for k, v in ovs.items()]
+                elif isinstance(ovs, list) and ovs and all(isinstance(o, str) and "=" in o for o in ovs):
+                    axis_out[str(label)] = list(ovs)
+                else:
+                    raise ScenarioError(f"expected the label's overrides as a mapping (e.g. {{strategy: median}}) or "
+                                        f"a list of key=value, got {ovs!r}", file=source, key=lpath)
+            out[axis] = axis_out
+            continue
+        vals = values if isinstance(values, (list, tuple)) else [values]
+        if not vals:
+            raise ScenarioError("an axis needs at least one value", file=source, key=path)
+        axis_out = {}
+        for i, v in enumerate(vals):
+            if isinstance(v, (dict, list)) or v is None or str(v).strip() == "":
+                raise ScenarioError(f"a plain grid value must be a word such as a preset name, got {v!r} (give "
+                                    f"several overrides as a labelled value: {{label: {{key: value}}}})",
+                                    file=source, key=f"{path}[{i}]")
+            text = str(v).lower() if isinstance(v, bool) else str(v)
+            if text in axis_out:
+                raise ScenarioError(f"repeated value {text!r}", file=source, key=f"{path}[{i}]")
+            axis_out[text] = [f"{axis}={text}"]
+        out[axis] = axis_out
+    return out
+
+
+def _is_normalized(grid: dict) -> bool:
+    return all(isinstance(v, dict) and all(isinstance(o, list) for o in v.values()) for v in grid.values())
+
+
+def grid_labels(grid: dict) -> dict[str, list[str]]:
+    """``{axis: [label, ...]}`` of a grid in either form."""
+    return {k: list(v) for k, v in normalize_grid(grid).items()}
+
+
+def expand(grid: dict, seeds: list[int] | None, base_overrides: list[str] | None = None) -> list[Cell]:
+    """The cartesian product of the grid's values x seeds (seeds innermost). ``grid``: plain
+    ``{axis: [value, ...]}`` or normalised ``{axis: {label: [override, ...]}}``."""
     if seeds is not None and "seed" in grid:
         raise ScenarioError("give seeds either with --seeds or with --grid seed=..., not both",
                             file="command line", key="seed")
-    keys = list(grid)
+    norm = grid if _is_normalized(grid) else normalize_grid(grid)
+    keys = list(norm)
     seed_list: list[int | None] = list(seeds) if seeds is not None else [None]
     cells = []
-    for combo in itertools.product(*(grid[k] for k in keys)):
+    for combo in itertools.product(*(list(norm[k]) for k in keys)):
         for seed in seed_list:
             values = dict(zip(keys, combo))
-            overrides = list(base_overrides or []) + [f"{k}={v}" for k, v in values.items()]
+            overrides = list(base_overrides or [])
+            for k, label in values.items():
+                overrides += norm[k][label]
             if seed is not None:
                 overrides.append(f"seed={seed}")
             cell = Cell(values=values, seed=seed, overrides=overrides)
             cell.id = cell_id(values, seed, overrides)
             cells.append(cell)
     return cells
+
+
+# --------------------------------------------------------------------------------------
+# Sweep files
+# --------------------------------------------------------------------------------------
+
+SWEEP_FILE_KEYS = {
+    "scenario": "the scenario file every cell starts from (relative to the sweep file)",
+    "description": "one line on what the sweep measures",
+    "overrides": "key: value overrides applied to every cell (a mapping, or a list of key=value)",
+    "grid": "axis: [values] (plain) or axis: {label: {key: value, ...}} (labelled)",
+    "seeds": "seeds, [0, 1, 2] or '0-4'",
+    "engine": "auto | ray | inline",
+    "parallel": "cells side by side",
+    "out": "sweep folder (relative to the current directory)",
+    "strongest": "true, or {attacks: AXIS, defenses: AXIS, no_attack: LABEL}: the strongest attack per defense",
+    "table": "{rows: AXIS, cols: AXIS, metric: auroc}",
+}
+TABLE_KEYS = ("rows", "cols", "metric")
+
+
+@dataclass
+class SweepFile:
+    """A sweep written down: ``fedsec sweep sweeps/heart_integrity.yaml`` runs it (docs/sweeps.md)."""
+
+    path: str
+    scenario: str
+    overrides: list[str]
+    grid: dict[str, dict[str, list[str]]]
+    seeds: list[int] | None = None
+    engine: str | None = None
+    parallel: int | None = None
+    out: str | None = None
+    strongest: dict | None = None
+    table: dict = field(default_factory=dict)
+
+
+def is_sweep_file(path) -> bool:
+    """A YAML mapping with a top-level ``scenario:`` key (a scenario file never has one)."""
+    import yaml
+
+    p = Path(str(path))
+    if p.suffix not in (".yaml", ".yml") or not p.is_file():
+        return False
+    try:
+        data = yaml.safe_load(p.read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and "scenario" in data
+
+
+def load_sweep_file(path) -> SweepFile:
+    """Read and check a sweep file; every problem is a ScenarioError naming the key (exit 2)."""
+    import yaml
+
+    from fedsec.registry import did_you_mean
+
+    p = Path(str(path))
+    src = str(p)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except OSError as err:
+        raise ScenarioError(f"cannot read the sweep file: {err}", file=src) from None
+    except yaml.YAMLError as err:
+        raise ScenarioError(f"not valid YAML: {err}", file=src) from None
+    if not isinstance(data, dict):
+        raise ScenarioError("a sweep file is a mapping with scenario:, grid:, ...", file=src)
+    for k in data:
+        if k not in SWEEP_FILE_KEYS:
+            raise ScenarioError(f"unknown key{did_you_mean(str(k), SWEEP_FILE_KEYS)}; keys: "
+                                f"{', '.join(SWEEP_FILE_KEYS)}", file=src, key=str(k))
+    scen = data.get("scenario")
+    if not isinstance(scen, str) or not scen.strip():
+        raise ScenarioError("expected the path of a scenario file", file=src, key="scenario")
+    scen_path = Path(os.path.normpath(p.parent / scen)) if not Path(scen).is_absolute() else Path(scen)
+    if not scen_path.is_file():
+        raise ScenarioError(f"no such scenario file: {scen_path}", file=src, key="scenario")
+    ovs = data.get("overrides") or []
+    if isinstance(ovs, dict):
+        overrides = [override_text(str(k), v) for k, v in ovs.items()]
+    elif isinstance(ovs, list) and all(isinstance(o, str) and "=" in o for o in ovs):
+        overrides = list(ovs)
+    else:
+        raise ScenarioError("expected a mapping of key: value or a list of key=value", file=src, key="overrides")
+    grid = normalize_grid(data.get("grid") or {}, src, "grid")
+    seeds = data.get("seeds")
+    try:
+        seeds = parse_seeds(seeds if not isinstance(seeds, int) or isinstance(seeds, bool) else [seeds])
+    except (ScenarioError, TypeError, ValueError):
+        raise ScenarioError(f"expected a list of integers or '0-4', got {seeds!r}", file=src, key="seeds") from None
+    engine = data.get("engine")
+    if engine is not None and engine not in ENGINES:
+        raise ScenarioError(f"one of {', '.join(ENGINES)}, got {engine!r}", file=src, key="engine")
+    parallel = data.get("parallel")
+    if parallel is not None and (isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1):
+        raise ScenarioError(f"expected an integer >= 1, got {parallel!r}", file=src, key="parallel")
+    table = data.get("table") or {}
+    if not isinstance(table, dict):
+        raise ScenarioError("expected {rows: AXIS, cols: AXIS, metric: NAME}", file=src, key="table")
+    for k in table:
+        if k not in TABLE_KEYS:
+            raise ScenarioError(f"unknown key{did_you_mean(str(k), TABLE_KEYS)}; keys: {', '.join(TABLE_KEYS)}",
+                                file=src, key=f"table.{k}")
+    if table.get("metric") is not None and table["metric"] not in METRIC_KEYS:
+        raise ScenarioError(f"one of {', '.join(METRIC_KEYS)}, got {table['metric']!r}", file=src, key="table.metric")
+    strongest = parse_strongest(data.get("strongest"), grid, src)
+    out = data.get("out")
+    return SweepFile(src, str(scen_path), overrides, grid, seeds, engine, parallel,
+                     None if out is None else str(out), strongest, dict(table))
+
+
+STRONGEST_KEYS = ("attacks", "defenses", "no_attack")
+
+
+def parse_strongest(value, grid: dict, source: str = "command line") -> dict | None:
+    """``true`` or ``{attacks: AXIS, defenses: AXIS, no_attack: LABEL}`` -> the resolved dict (or None).
+
+    attacks: the axis whose labels are the candidate attacks (default ``attacks``); null: its
+    no-attack label (default ``none``); defenses: the axis of the defenses (default
+    ``strategy`` when in the grid, else the first other axis; none: one column)."""
+    from fedsec.registry import did_you_mean
+
+    if value is None or value is False:
+        return None
+    if value is True:
+        value = {}
+    if not isinstance(value, dict):
+        raise ScenarioError("expected true or {attacks: AXIS, defenses: AXIS, no_attack: LABEL}", file=source,
+                            key="strongest")
+    for k in value:
+        if k not in STRONGEST_KEYS:
+            raise ScenarioError(f"unknown key{did_you_mean(str(k), STRONGEST_KEYS)}; keys: "
+                                f"{', '.join(STRONGEST_KEYS)}", file=source, key=f"strongest.{k}")
+    attacks = str(value.get("attacks", "attacks"))
+    if attacks not in grid:
+        raise ScenarioError(f"'{attacks}' is not a grid axis; axes: {', '.join(grid) or '(none)'}",
+                            file=source, key="strongest.attacks")
+    null = str(value.get("no_attack", "none"))
+    labels = list(grid[attacks])
+    if null not in labels:
+        raise ScenarioError(f"the no-attack label '{null}' is not a value of the '{attacks}' axis ({', '.join(labels)});"
+                            " the strongest attack is measured against it", file=source, key="strongest.no_attack")
+    if len(labels) < 2:
+        raise ScenarioError(f"the '{attacks}' axis has no candidate attack besides '{null}'", file=source,
+                            key="strongest.attacks")
+    defenses = value.get("defenses")
+    if defenses is None:
+        others = [k for k in grid if k != attacks]
+        defenses = "strategy" if "strategy" in others else (others[0] if others else None)
+    elif defenses not in grid or defenses == attacks:
+        raise ScenarioError(f"'{defenses}' is not a grid axis other than '{attacks}'", file=source,
+                            key="strongest.defenses")
+    return {"attacks": attacks, "defenses": defenses, "no_attack": null}
+
+
+def check_strongest_cells(strongest: dict, scenarios: list) -> None:
+    """The selection reads a validation split, never the test split: every cell must set one aside."""
+    for s in scenarios:
+        frac = (s.task.options or {}).get("val_fraction")
+        if not frac:
+            raise ScenarioError("the strongest attack is selected on a validation split and this scenario has none: "
+                                "set task.options.val_fraction (e.g. 0.2; the hospitals keep that share of their "
+                                "training records aside)", key="task.options.val_fraction")
 
 
 def scenario_digest(scenario_dict: dict) -> str:
@@ -277,6 +533,8 @@ def default_out(scenario_path, grid, seeds, base_overrides) -> Path:
     from fedsec.scenario import load_scenario
 
     name = load_scenario(scenario_path, base_overrides).name
+    if _is_normalized(grid) and all(ovs == [f"{k}={label}"] for k, v in grid.items() for label, ovs in v.items()):
+        grid = {k: list(v) for k, v in grid.items()}  # plain values: the same folder as before labels existed
     key = json.dumps([str(Path(scenario_path).resolve()), grid, seeds, base_overrides], sort_keys=True)
     return Path("runs") / "sweeps" / f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
 
@@ -628,6 +886,8 @@ class SweepRun:
         self.started_at = None
         self.ray_startup_s = None
         self.durations: list[float] = []
+        self.strongest: dict | None = None
+        self.sweep_file: str | None = None
 
     def log(self, text: str) -> None:
         if self.stream is not None:
@@ -641,8 +901,11 @@ class SweepRun:
             "status": status,
             "scenario": self.scenario_path,
             "overrides": self.base_overrides,
-            "grid": self.grid,
+            "grid": {k: list(v) for k, v in self.grid.items()},
+            "grid_overrides": self.grid,
             "seeds": self.seeds,
+            "sweep_file": self.sweep_file,
+            "strongest": self.strongest,
             "command": " ".join(sys.argv),
             "parallel": self.parallel,
             "table": self.table_options,
@@ -678,14 +941,18 @@ def check_sweep_out(out: Path, force: bool = False) -> None:
 
 def run_sweep(scenario, grid=None, seeds=None, out=None, overrides=None, parallel: int | None = None,
               address: str | None = None, rows: str | None = None, cols: str | None = None,
-              metric: str = "auroc", stream=sys.stderr, dry_run: bool = False, force: bool = False,
-              engine: str = "auto") -> dict:
+              metric: str | None = None, stream=sys.stderr, dry_run: bool = False, force: bool = False,
+              engine: str | None = None, strongest=None) -> dict:
     """Run (or resume) a sweep; returns sweep.json's dict (plus ``"tables"``: the written files).
 
     scenario: a scenario file. grid: ``{"attacks": ["none", "alie"], ...}`` or
     ``["attacks=none,alie", ...]``. seeds: list of ints, ``"0,1,2"``, or None (the
     scenario's seed). overrides: ``key=value`` applied to every cell before the grid's.
     engine: auto | ray | inline, where cells run (see cell_engine).
+    scenario may be a sweep file (docs/sweeps.md): its keys are the defaults, the arguments
+    given here win (``grid`` axes are added to the file's; ``overrides`` follow the file's).
+    strongest: True or ``{attacks, defenses, null}``: select the strongest attack per defense
+    on the cells' validation split (fedsec.analysis.strongest).
     Raises ScenarioError (nothing runs) for an invalid cell.
     """
     from fedsec.federation.engine import quiet
@@ -694,13 +961,34 @@ def run_sweep(scenario, grid=None, seeds=None, out=None, overrides=None, paralle
     quiet(False)
     if isinstance(scenario, dict) or not Path(str(scenario)).is_file():
         raise ScenarioError("sweep needs a scenario file", file=str(scenario))
-    grid = parse_grid(grid)
-    seeds = parse_seeds(seeds)
-    base = list(overrides or [])
+    sweep_file = None
+    if is_sweep_file(scenario):
+        sweep_file = load_sweep_file(scenario)
+        scenario = sweep_file.scenario
+    extra_grid = normalize_grid(parse_grid(grid) if not isinstance(grid, dict) else grid)
+    grid = dict(sweep_file.grid) if sweep_file else {}
+    for k, v in extra_grid.items():
+        if k in grid:
+            raise ScenarioError(f"--grid {k}: the sweep file already has this axis", file="command line", key=k)
+        grid[k] = v
+    seeds = parse_seeds(seeds) if seeds is not None else (sweep_file.seeds if sweep_file else None)
+    base = (list(sweep_file.overrides) if sweep_file else []) + list(overrides or [])
+    table_file = sweep_file.table if sweep_file else {}
+    rows, cols = rows or table_file.get("rows"), cols or table_file.get("cols")
+    metric = metric or table_file.get("metric") or "auroc"
+    engine = engine or (sweep_file.engine if sweep_file else None) or "auto"
+    parallel = parallel or (sweep_file.parallel if sweep_file else None)
+    out = out or (sweep_file.out if sweep_file else None)
+    if strongest is None and sweep_file:
+        strongest = sweep_file.strongest
+    elif strongest is not None and strongest is not False:
+        strongest = parse_strongest(strongest, grid)
     cells = expand(grid, seeds, base)
     if engine not in ENGINES:
         raise ScenarioError(f"--engine must be one of {', '.join(ENGINES)}, got '{engine}'", file="command line")
     scenarios = validate_cells(scenario, cells, engine, address)
+    if strongest:
+        check_strongest_cells(strongest, scenarios)
     for key in (rows, cols):
         if key is not None and key not in grid and key != "seed":
             raise ScenarioError(f"--rows/--cols '{key}' is not a grid key; grid keys: {', '.join(grid) or '(none)'}",
@@ -714,6 +1002,8 @@ def run_sweep(scenario, grid=None, seeds=None, out=None, overrides=None, paralle
         parallel = 1  # a shared cluster: Flower's actor pool takes the whole cluster per run
     table_options = {"rows": rows, "cols": cols, "metric": metric}
     state = SweepRun(scenario, cells, grid, seeds, out, base, parallel, stream, table_options)
+    state.strongest = strongest or None
+    state.sweep_file = sweep_file.path if sweep_file else None
     state.started_at = utc_now()
 
     pending = deque()
@@ -771,6 +1061,8 @@ def run_sweep(scenario, grid=None, seeds=None, out=None, overrides=None, paralle
             pool.close()
             state.write(status)
     tables = write_tables(out, rows=rows, cols=cols, metric=metric)
+    if strongest:
+        state.log(f"strongest attack per defense: {tables.get('strongest_md', '(not computed)')}")
     done, failed = state.counts()
     bad = [c for c in cells if c.status != FINISHED]
     state.log(f"finished: {len(cells) - len(bad)}/{len(cells)} completed, {len(bad)} not "
@@ -862,11 +1154,14 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--parallel", type=int, metavar="N",
                    help="cells side by side (default: as many as the CPUs hold, at least 1)")
     p.add_argument("--address", metavar="RAY_ADDRESS", help="use this Ray cluster instead of starting one")
-    p.add_argument("--engine", choices=ENGINES, default="auto",
+    p.add_argument("--engine", choices=ENGINES, default=None,
                    help="where cells run: auto (default: small cells in-process, the rest on Ray), ray, inline")
     p.add_argument("--rows", metavar="KEY", help="grid key of the table's rows (default: attacks)")
     p.add_argument("--cols", metavar="KEY", help="grid key of the table's columns (default: strategy)")
-    p.add_argument("--metric", default="auroc", choices=METRIC_KEYS, help="utility metric of the tables")
+    p.add_argument("--metric", default=None, choices=METRIC_KEYS, help="utility metric of the tables (default auroc)")
+    p.add_argument("--strongest", action="store_true",
+                   help="per defense, select the attack with the largest effect over the no-attack cell on the "
+                        "validation split (task.options.val_fraction), and report its test metric")
     p.add_argument("--dry-run", action="store_true", help="validate and list the cells, run nothing")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out folder that is not a sweep "
                                                        "(nothing already there is removed or overwritten)")
@@ -899,7 +1194,8 @@ def _cmd_sweep(args) -> int:
         raise FedsecError(f"give exactly one scenario file, got {len(paths)}: {' '.join(paths) or '(none)'}")
     result = run_sweep(paths[0], grid=args.grid, seeds=args.seeds, out=args.out, overrides=overrides,
                        parallel=args.parallel, address=args.address, rows=args.rows, cols=args.cols,
-                       metric=args.metric, dry_run=args.dry_run, force=args.force, engine=args.engine)
+                       metric=args.metric, dry_run=args.dry_run, force=args.force, engine=args.engine,
+                       strongest=True if args.strongest else None)
     if args.dry_run:
         return 0
     print(Path(result["tables"]["summary_md"]).read_text())

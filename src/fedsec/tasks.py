@@ -114,7 +114,9 @@ class TaskSpec:
 
 
 # Options every task takes, applied after the data is built.
-_GENERIC_OPTIONS = {"max_train_per_hospital": "cap on each hospital's training records (e.g. 1 for inversion)"}
+_GENERIC_OPTIONS = {"max_train_per_hospital": "cap on each hospital's training records (e.g. 1 for inversion)",
+                    "val_fraction": "share of each hospital's training records set aside as its validation split "
+                                    "(stratified, never trained on; the strongest-attack selection reads it)"}
 
 
 def task(name: str, **spec):
@@ -222,9 +224,44 @@ def build_mednist(scenario) -> FederatedDataset:
     return _imaging(scenario, "mednist")
 
 
+def split_validation(train: list, fraction, seed: int) -> tuple[list, list]:
+    """Each hospital's training records -> (kept for training, validation): a stratified share
+    ``fraction`` (at least one record per hospital, at least one left to train on), drawn with
+    the scenario's seed so every cell of a sweep with that seed holds out the same records."""
+    import numpy as np
+
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction < 1.0:
+        raise FedsecError(f"task.options.val_fraction: expected a number in [0, 1), got {fraction!r}")
+    if fraction == 0:
+        return list(train), None
+    kept, val = [], []
+    for h, split in enumerate(train):
+        n = len(split)
+        rng = np.random.default_rng([int(seed), 4099, h])
+        y = split.y.numpy()
+        strata = y.argmax(1) if y.ndim == 2 else y
+        pick = []
+        for c in np.unique(strata):
+            idx = np.flatnonzero(strata == c)
+            k = int(round(fraction * len(idx)))
+            pick.extend(rng.permutation(idx)[:k].tolist())
+        if not pick and n > 1:
+            pick = [int(rng.integers(n))]
+        if len(pick) >= n:
+            pick = pick[: n - 1]
+        mask = np.zeros(n, dtype=bool)
+        mask[pick] = True
+        kept.append(split.subset(np.flatnonzero(~mask)))
+        val.append(split.subset(np.flatnonzero(mask)))
+    return kept, val
+
+
 def build_task(scenario) -> Task:
     builder = TASKS.get(scenario.task.name, key="task.name")
     data = builder(scenario)
+    frac = (scenario.task.options or {}).get("val_fraction")
+    if frac is not None:
+        data.train, data.val = split_validation(data.train, frac, scenario.seed)
     limit = (scenario.task.options or {}).get("max_train_per_hospital")
     if limit is not None:
         # e.g. 1 for a hospital whose update comes from a single patient (inversion studies)

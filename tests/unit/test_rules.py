@@ -566,9 +566,10 @@ def _check_huge(name: str, res, x: torch.Tensor, benign: torch.Tensor, w: torch.
         # rows only (a benign row, or coordinate-wise inside the benign values).
         assert attacker in res.flagged, name
         assert _in_benign_box(res.update, benign), name
-    elif name in ("median", "trimmed_mean"):
+    elif name in ("median", "trimmed_mean", "size_aware"):
         # Coordinate-wise rules with f = 1: per coordinate, one value is cut or outvoted, so
-        # every coordinate stays within the benign values (Yin et al. 2018).
+        # every coordinate stays within the benign values (Yin et al. 2018; size_aware: the
+        # attacker's capped weight <= the weight trimmed at each end).
         assert _in_benign_box(res.update, benign), name
     elif name == "geometric_median":
         # The exact geometric median (breakdown point 1/2) within 1e-6 of the benign radius.

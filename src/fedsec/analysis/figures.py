@@ -94,7 +94,7 @@ def plot_risk_matrix(m: RiskMatrix, stem: Path, title: str = "") -> Path:
                 ax.add_patch(Polygon([(j + 1, y), (j + 1, y + 0.38), (j + 0.62, y)], closed=True,
                                      facecolor=ccmap(max(0.0, min(1.0, c.cost / COST_FULL))), edgecolor="#555",
                                      lw=0.5))
-            lines = []
+            lines = [] if not getattr(c, "winner", None) else [str(c.winner)]
             if c.utility is not None:
                 lines.append(f"{_metric_name(m.metric)} {c.utility:.2f}"
                                  + (f"±{c.utility_std:.2f}" if c.utility_std is not None else ""))

@@ -71,6 +71,8 @@ class MatrixCell:
     scenario: dict = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
     reading: str = ""
+    winner: str | None = None  # the "strongest attack" row: the candidate selected on validation
+    effect: dict | None = None  # its test effect over the null: mean, low, high, n, kind
 
 
 @dataclass
@@ -329,3 +331,35 @@ def reading(c: MatrixCell, m: RiskMatrix) -> str:
 def _attack_impl(scenario: dict) -> str | None:
     attacks = scenario.get("attacks") or []
     return str(attacks[0].get("attack")) if attacks else None
+
+
+# --------------------------------------------------------------------------------------
+# The "strongest attack" row (fedsec.analysis.strongest)
+# --------------------------------------------------------------------------------------
+
+STRONGEST_ROW = "strongest attack"
+
+
+def add_strongest_row(m: RiskMatrix, res: dict) -> None:
+    """Append the row naming, per defense column, the candidate selected on the validation
+    split, with its test numbers and the 95% interval of its effect over the no-attack null."""
+    import copy
+
+    from fedsec.analysis.strongest import describe
+
+    by = res.get("by_defense") or {}
+    for d in m.defenses:
+        e = by.get(d) or (by.get("all") if len(by) == 1 else None)
+        w = (e or {}).get("winner")
+        src = m.cells.get((w, d)) if w else None
+        if src is None:
+            c = MatrixCell(STRONGEST_ROW, d)
+            c.reading = "No candidate completed next to a no-attack cell: nothing selected."
+        else:
+            c = copy.copy(src)
+            c.attack, c.winner, c.effect = STRONGEST_ROW, w, dict(e.get("test") or {})
+            c.reading = describe(defense_name(d) if m.col_key == "strategy" else d, e, m.metric) + " " + src.reading
+            c.reading = c.reading[0].upper() + c.reading[1:]
+        m.cells[(STRONGEST_ROW, d)] = c
+    m.attacks.append(STRONGEST_ROW)
+    m.groups.append(("strongest attack per defense (selected on validation, measured on test)", [STRONGEST_ROW]))

@@ -114,6 +114,12 @@ def risk_matrix_html(m: RiskMatrix) -> str:
                 c = m.cells[(a, d)]
                 bg = "#eeeeee" if c.success is None else _hex(cmap(c.success))
                 nums = []
+                if c.winner:
+                    t = c.effect or {}
+                    ci = f" [{t['low']:+.2f}, {t['high']:+.2f}]" if t.get("low") is not None else ""
+                    what = "ASR over floor" if t.get("kind") == "asr" else "skill lost"
+                    nums.append(f"winner {c.winner}" + (f": {what} {t['mean']:+.2f}{ci}" if t.get("mean") is not None
+                                                        else ""))
                 if c.utility is not None:
                     nums.append(f"{_metric_name(m.metric)} {c.utility:.3f}"
                                 + (f" ± {c.utility_std:.3f}" if c.utility_std is not None else ""))
@@ -162,6 +168,35 @@ def _table_html(headers: list[str], rows: list[list], cls: str = "") -> str:
     for r in rows:
         out.append("<tr>" + "".join(f"<td>{e('' if v is None else str(v))}</td>" for v in r) + "</tr>")
     out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _markdown_html(text: str) -> str:
+    """The tables, paragraphs and bullet lines of strongest.md / hospitals.md as HTML (no heading)."""
+    e = html.escape
+    out, table, bullets = [], [], []
+
+    def flush():
+        if table:
+            head, *body = [[c.strip() for c in r.strip().strip("|").split("|")] for r in table
+                           if not set(r.replace("|", "").strip()) <= set("-: ")]
+            out.append(_table_html(head, body, "summary"))
+            table.clear()
+        if bullets:
+            out.append("<ul>" + "".join(f"<li>{e(b)}</li>" for b in bullets) + "</ul>")
+            bullets.clear()
+
+    for line in text.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        if line.startswith("- "):
+            bullets.append(line[2:])
+            continue
+        flush()
+        if line.strip() and not line.startswith("#"):
+            out.append(f"<p>{e(line)}</p>")
+    flush()
     return "".join(out)
 
 
@@ -322,6 +357,12 @@ def report_sweep(sweep_dir: Path, rows: str | None = None, cols: str | None = No
     # risk matrix
     m_row, m_col, averaged = matrix_axes(keys, rows or opts.get("rows"), cols or opts.get("cols"))
     matrix = build_matrix(data, keys, m_row, m_col, metric)
+    if tables.get("strongest_json"):
+        import json as _json
+
+        from fedsec.analysis.matrix import add_strongest_row
+
+        add_strongest_row(matrix, _json.loads(Path(tables["strongest_json"]).read_text()))
     if averaged:
         matrix.notes.append(f"averaged over the grid key(s) {', '.join(averaged)} as well as the seeds; "
                             "give --rows / --cols to choose the axes")
@@ -351,6 +392,12 @@ def report_sweep(sweep_dir: Path, rows: str | None = None, cols: str | None = No
                      + f"<p>Files: <code>{e(tables['summary_md'].name)}</code>, "
                        f"<code>{e(tables['summary_csv'].name)}</code>, "
                        f"<code>{e(tables['sweep_csv'].name)}</code> in the sweep folder.</p>"))
+
+    # strongest attack per defense, harm per hospital (their Markdown files as HTML)
+    for key, anchor, title in (("strongest_md", "strongest", "Strongest attack per defense"),
+                               ("hospitals_md", "hospitals", "Harm per hospital")):
+        if tables.get(key):
+            sections.append((anchor, title, _markdown_html(Path(tables[key]).read_text())))
 
     # learning curves: one figure per configuration (seeds as separate lines)
     configs: dict[tuple, list[RunInfo]] = {}

@@ -275,8 +275,25 @@ def write_tables(sweep_dir, rows: str | None = None, cols: str | None = None, me
     atomic_write(sweep_dir / "summary.csv", buf.getvalue())
 
     atomic_write(sweep_dir / "summary.md", summary_markdown(meta, agg, extra, row_key, col_key, metric, data))
-    return {"sweep_csv": sweep_dir / "sweep.csv", "summary_csv": sweep_dir / "summary.csv",
-            "summary_md": sweep_dir / "summary.md"}
+    paths = {"sweep_csv": sweep_dir / "sweep.csv", "summary_csv": sweep_dir / "summary.csv",
+             "summary_md": sweep_dir / "summary.md"}
+    # The extra tables must never cost the sweep its main ones: a failure is written in their place.
+    from fedsec.analysis.hospitals import write_harm_tables
+
+    try:
+        paths.update(write_harm_tables(sweep_dir, data, keys, row_key, col_key))
+    except Exception as err:  # noqa: BLE001 - e.g. a task whose data cannot be loaded here
+        atomic_write(sweep_dir / "hospitals.md", f"# Harm per hospital\n\nnot computed: {type(err).__name__}: {err}\n")
+    if meta.get("strongest"):
+        from fedsec.analysis.strongest import write_strongest
+
+        try:
+            paths.update(write_strongest(sweep_dir, metric))
+        except Exception as err:  # noqa: BLE001 - e.g. a cell without checkpoint.pt
+            atomic_write(sweep_dir / "strongest.md",
+                         f"# Strongest attack per defense\n\nnot computed: {type(err).__name__}: {err}\n")
+            paths["strongest_md"] = sweep_dir / "strongest.md"
+    return paths
 
 
 def format_cell(a: dict | None) -> str:

@@ -55,6 +55,9 @@ class FederatedDataset:
     # Records of each hospital reserved out of training (membership inference's non-members;
     # see fedsec.attacks.membership.reserve_holdout), or None.
     holdout: list[Split] | None = None
+    # ``val[i]``: records hospital i set aside from its training data (``task.options.val_fraction``);
+    # never trained on, never the test set. Read by the strongest-attack selection (fedsec.analysis.strongest).
+    val: list[Split] | None = None
     # What built it, for the resolved run record and reports (e.g. source path, partition
     # options, each hospital's acquisition-shift profile). Free-form, JSON-serialisable.
     info: dict = field(default_factory=dict)
