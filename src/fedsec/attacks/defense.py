@@ -43,6 +43,18 @@ class Defense:
     central_dp_clip: float | None = None
     central_dp_side: str | None = None
 
+    @classmethod
+    def of(cls, rule: str = "fedavg", *, num_malicious: int = 0, central_dp_clip: float | None = None,
+           central_dp_side: str | None = "server", **options) -> "Defense":
+        """The defense of rule ``rule`` with ``options`` (its declared bound read from a built
+        instance), without a scenario: for tests and direct callers."""
+        from fedsec.strategies.rules import make_rule
+
+        bound = make_rule(rule, **options).bound()
+        return cls(rule=rule, options=dict(options), num_malicious=num_malicious, norm_bound=bound,
+                   central_dp_clip=central_dp_clip,
+                   central_dp_side=central_dp_side if central_dp_clip is not None else None)
+
     @property
     def names(self) -> tuple[str, ...]:
         """The defenses in force by name: the rule, plus ``central_dp`` when it is on."""
