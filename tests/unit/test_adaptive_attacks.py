@@ -297,3 +297,23 @@ def test_bad_options_exit_2_naming_the_key(attack, override, key, capsys):
     code = main(["validate", str(ROOT / "scenarios" / "heart_sweep.yaml"), f"attacks={attack}", override])
     out = capsys.readouterr()
     assert code == 2 and f"attacks[0].{key}" in out.out + out.err
+
+
+def test_two_malicious_hospitals_sharing_the_attack_each_train_on_their_own_rows(heart_task):
+    # the inline engine runs every hospital in one process, with one attack instance
+    from fedsec.core.params import flatten_state
+
+    base, task = heart_task
+    g = flatten_state(task.make_model(seed=0).state_dict())
+
+    def honest(attack, hospital):
+        ctx = AttackContext(2, hospital, [2, 3], 4, task, torch.Generator().manual_seed(11), extra={"scenario": base})
+        return attack.honest_update(g, ctx)
+
+    shared = make_attack("bounded_ehr_trigger")
+    for h in (2, 3):
+        shared.poison_data(task.data.train[h], np.random.default_rng(0), AttackContext(1, h, [2, 3], 4, task))
+    alone = make_attack("bounded_ehr_trigger")
+    alone.poison_data(task.data.train[2], np.random.default_rng(0), AttackContext(1, 2, [2, 3], 4, task))
+    assert torch.equal(honest(shared, 2), honest(alone, 2))
+    assert not torch.equal(honest(shared, 2), honest(shared, 3))

@@ -111,7 +111,6 @@ class _Searched(Coalition):
     aggregate farthest from the benign mean is sent. ``last_scale`` / ``last_deviation`` /
     ``last_rule`` record the choice."""
 
-    knowledge = "omniscient"
     targets = ("median", "trimmed_mean", "norm_bounding", "flame", "krum", "multi_krum", "bulyan",
                "geometric_median", "centered_clipping", "dnc", "fltrust", "central_dp")
 
@@ -280,19 +279,21 @@ class _DefenseAwareBackdoor:
     handed to ``poison_data``) to train an honest update, and scales the backdoor update to
     the bound in force. Never sees a test split."""
 
-    knowledge = "white_box"
     targets = NORM_DEFENSES
+    uses_honest_direction = False  # True: the update's direction is built from the honest update too
 
     def _init_adaptive(self):
         margin = self.options["margin"]
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 < margin <= 1:
             raise self.option_error("margin", "must be a number in (0, 1]")
-        self._clean: Split | None = None
+        self._clean: dict = {}  # hospital id -> its clean training split
         self.last_bound: float | None = None
         self.last_scale: float | None = None
 
     def poison_data(self, data: Split, rng: np.random.Generator, ctx: AttackContext) -> Split:
-        self._clean = data  # the hospital's own clean rows: a cache of its data, not state
+        # the hospital's own clean rows, per hospital (several malicious hospitals may share this
+        # instance in one process): a cache of their data, not state between rounds
+        self._clean[getattr(ctx, "hospital", None)] = data
         return super().poison_data(data, rng, ctx)
 
     def honest_update(self, global_params: torch.Tensor, ctx: AttackContext) -> torch.Tensor | None:
@@ -304,13 +305,14 @@ class _DefenseAwareBackdoor:
 
         scenario = (ctx.extra or {}).get("scenario") if ctx is not None else None
         task = getattr(ctx, "task", None)
-        if self._clean is None or task is None or scenario is None:
+        clean = self._clean.get(getattr(ctx, "hospital", None))
+        if clean is None or task is None or scenario is None:
             return None
         model = task.make_model()
         template = model.state_dict()
         model.load_state_dict(unflatten_state(global_params, template))
         seed = int(ctx.generator.initial_seed()) + 1 if ctx.generator is not None else 0
-        train_local(model, self._clean, task, scenario.federation.local, torch.Generator().manual_seed(seed))
+        train_local(model, clean, task, scenario.federation.local, torch.Generator().manual_seed(seed))
         return flatten_state({k: v.detach().cpu() for k, v in model.state_dict().items()}) - global_params
 
     def resolve_bound(self, defense: Defense, honest: torch.Tensor | None) -> float | None:
@@ -343,8 +345,6 @@ class _DefenseAwareBackdoor:
             scale = min(scale, float(self.options["max_boost"]))
         self.last_bound, self.last_scale = bound, scale
         return global_params + update * scale
-
-    uses_honest_direction = False
 
 
 def _bounded_options(base):
