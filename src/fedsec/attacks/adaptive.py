@@ -36,6 +36,7 @@ attacks; Blades issue #73 for why the scale must be searched against the rule, n
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass as _dataclass
 from typing import Callable
@@ -133,6 +134,8 @@ class _Searched(Coalition):
 
     def craft(self, benign, n_malicious, ctx):
         defense: Defense = defense_from_context(ctx)
+        if defense.num_malicious < n_malicious:  # e.g. attackers drawn by `fraction`: the server counts them
+            defense = dataclasses.replace(defense, num_malicious=n_malicious)
         extra = (ctx.extra or {}) if ctx is not None else {}
         bw, mw = extra.get("benign_weights"), extra.get("malicious_weights")
         if bw is None or mw is None:
