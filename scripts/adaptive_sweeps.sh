@@ -4,6 +4,7 @@
 #   PART: null | adaptive | baseline (the 5-round, one-epoch regime of scenarios/heart_sweep.yaml)
 #         fedsgd-null | fedsgd (one SGD step per round, 40 rounds); default: null adaptive baseline
 #   e.g. scripts/adaptive_sweeps.sh 0-9 runs/adaptive-heart
+#        scripts/adaptive_sweeps.sh 0-4 runs/adaptive-heart fedsgd-null fedsgd   # -> runs/adaptive-heart-fedsgd
 # Then: python scripts/adaptive_table.py OUT [metric]
 # Re-running resumes (completed cells are skipped); a wider SEEDS adds the missing seeds.
 set -u
@@ -26,11 +27,11 @@ for part in $PARTS; do
     # the non-adaptive counterparts (the EHR trigger boosted x n/m = 4 is the fixed-boost backdoor)
     baseline) sweep --grid "attacks=alie,ipm,min_max,[{preset: ehr_trigger, hospitals: [3], boost: auto}]" \
                     --grid strategy=$DEFENSES --out "$OUT/baseline" ;;
-    # distributed-SGD regime (one mini-batch step per round), robust rules only
-    fedsgd-null) sweep $FEDSGD attacks.0.poison_fraction=0 --grid strategy=norm_bounding,median,flame \
+    # distributed-SGD regime (one mini-batch step per round): the coalitions vs median and FLAME
+    fedsgd-null) sweep $FEDSGD attacks.0.poison_fraction=0 --grid strategy=median,flame \
                        --out "$OUT-fedsgd/null" ;;
-    fedsgd) sweep $FEDSGD --grid attacks=adaptive_alie,adaptive_ipm,adaptive_fang,alie,ipm \
-                  --grid strategy=norm_bounding,median,flame --out "$OUT-fedsgd/adaptive" ;;
+    fedsgd) sweep $FEDSGD --grid attacks=adaptive_alie,adaptive_ipm \
+                  --grid strategy=median,flame --out "$OUT-fedsgd/adaptive" ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac
 done
