@@ -82,6 +82,8 @@ def components_markdown() -> str:
             caps.append("needs no malicious hospital")
         if sp.simulation_only:
             caps.append("simulation only (omniscient)")
+        if sp.targets:
+            caps.append("adapts to " + ", ".join(f"`{t}`" for t in sp.targets))
         if sp.success_metric:
             caps.append(f"success: `{sp.success_metric}` ({sp.success_wording})")
         alias = f" (the same class as `{sp.name}`)" if sp.name != name else ""

@@ -70,6 +70,8 @@ class AttackSpec:
     server_only: it needs no malicious hospital (a curious server's observer).
     simulation_only: it exists only in simulation (an omniscient coalition).
     success_metric: the metric that says how well it worked, and how to read it.
+    targets: the defenses (aggregation rule names, or ``central_dp``) it adapts to: it reads
+      their declared bound / options in force (``fedsec.attacks.defense``); empty: none.
     """
 
     name: str
@@ -81,6 +83,7 @@ class AttackSpec:
     modality: str
     success_metric: str | None
     success_wording: str | None
+    targets: tuple[str, ...] = ()
 
 
 HOOKS = ("poison_data", "poison_update", "poison_reply", "collude", "observe", "evaluate", "evaluate_records")
@@ -103,6 +106,9 @@ class Attack:
     # the metric that measures success (recorded under ``attack`` in rounds.jsonl) and its reading
     success_metric: ClassVar[str | None] = None
     success_wording: ClassVar[str | None] = None
+    # the defenses it adapts to (rule names, or "central_dp"): it reads their declared options /
+    # bound in force through fedsec.attacks.defense.defense_in_force
+    targets: ClassVar[tuple[str, ...]] = ()
 
     # attributes that carry over between rounds (history an attack keeps): saved in the run's
     # checkpoint by state_dict() so a resumed run continues the attack exactly. Caches that
@@ -127,7 +133,8 @@ class Attack:
             name=getattr(cls, "registry_name", cls.name), goal=cls.goal, kind=cls.kind,
             hooks=tuple(h for h in HOOKS if getattr(cls, h) is not getattr(Attack, h)),
             server_only=cls.server_only, simulation_only=cls.simulation_only, modality=cls.modality,
-            success_metric=cls.success_metric, success_wording=cls.success_wording)
+            success_metric=cls.success_metric, success_wording=cls.success_wording,
+            targets=tuple(cls.targets))
 
     def check(self, num_hospitals: int | None, malicious: list[int], key: str = "") -> None:
         """Checks of the options against the scenario (the number of hospitals, who is

@@ -93,8 +93,10 @@ def forge_updates(plans: list[AttackPlan], server_round: int, hospitals: list[in
         benign_rows = [i for i, h in enumerate(hospitals) if h not in malicious]
         if not mal_rows or not benign_rows:
             continue
-        ctx = AttackContext(server_round, None, p.hospitals, num_hospitals, None, generator,
-                            extra={**(extra or {}), "malicious_updates": updates[mal_rows].clone()},
+        known = {**(extra or {}), "malicious_updates": updates[mal_rows].clone()}
+        if known.get("weights") is not None:  # sample counts: the benign rows', then the coalition's
+            known["benign_weights"], known["malicious_weights"] = known["weights"][benign_rows], known["weights"][mal_rows]
+        ctx = AttackContext(server_round, None, p.hospitals, num_hospitals, None, generator, extra=known,
                             participants=list(hospitals))
         forged = p.attack.collude(updates[benign_rows], len(mal_rows), ctx)
         if forged is not None:

@@ -183,7 +183,8 @@ def train(msg: Message, context: Context) -> Message:
         if p.has("poison_update"):
             ctx = AttackContext(server_round, hospital, p.hospitals, federation_size(task), task,
                                 torch.Generator().manual_seed(seed + 1),
-                                participants=[int(h) for h in config.get("train-hospitals", [])] or None)
+                                participants=[int(h) for h in config.get("train-hospitals", [])] or None,
+                                extra={"scenario": scenario})  # the defense in force (attacks.defense)
             g = flatten_state(global_state)
             poisoned = p.attack.poison_update(g, flatten_state(state), ctx)
             state = unflatten_state(poisoned, state)

@@ -464,7 +464,8 @@ class FedsecStrategy(FedAvg):
             return  # refused before the run (check_secagg_compatible): no update to forge from
         rows = forge_updates(self.plans, rnd.number, rnd.hospitals, rnd.updates, num_hospitals=self.num_hospitals,
                              generator=rnd.generator,
-                             extra={"global_params": rnd.global_params, "rule": self.scenario.strategy.get("rule")})
+                             extra={"global_params": rnd.global_params, "rule": self.scenario.strategy.get("rule"),
+                                    "scenario": self.scenario, "weights": rnd.weights})
         rnd.forged = [rnd.hospitals[i] for i in rows]
         rnd.received = rnd.updates
 

@@ -101,6 +101,12 @@ class AggregationRule:
         """The fewest updates this rule needs in a round to tolerate ``f`` Byzantine ones."""
         return 1
 
+    def bound(self) -> float | str | None:
+        """The largest L2 norm an update may have and still count in full under this rule: a
+        number, ``"median"`` (the round's median update norm), or None (no norm bound). Read
+        by the attacks that adapt to the defense in force (``fedsec.attacks.defense``)."""
+        return None
+
     def check(self, f: int, per_round: int) -> None:
         """Raise a ScenarioError naming the option (``option_fail``) when the options cannot
         tolerate ``f`` Byzantine hospitals among ``per_round`` updates; run at load time."""

@@ -36,6 +36,10 @@ class NormBounding(AggregationRule):
         self.max_norm = self.float_option("max_norm", max_norm, strict=True, allow_none=True)
         self.noise_std = self.float_option("noise_std", noise_std)
 
+    def bound(self) -> float | str:
+        """max_norm, or "median" when it follows the round's median update norm."""
+        return self.max_norm if self.max_norm is not None else "median"
+
     def aggregate(self, updates: torch.Tensor, weights: torch.Tensor, ctx: RuleContext) -> RuleResult:
         norms = row_norms(updates)  # float64: no overflow for any finite update
         bound = self.max_norm if self.max_norm is not None else float(norms.median())
@@ -74,6 +78,10 @@ class CenteredClipping(AggregationRule):
         self.tau = self.float_option("tau", tau, strict=True)
         self.iterations = self.int_option("iterations", iterations, minimum=1)
         self._center: torch.Tensor | None = None
+
+    def bound(self) -> float:
+        """tau: the radius around the previous aggregate (zero in the first round)."""
+        return self.tau
 
     def reset(self) -> None:
         self._center = None

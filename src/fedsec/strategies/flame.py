@@ -41,6 +41,10 @@ class Flame(AggregationRule):
         self.noise_lambda = self.float_option("noise_lambda", noise_lambda)
         self.min_cluster_size = self.int_option("min_cluster_size", min_cluster_size, minimum=2, allow_none=True)
 
+    def bound(self) -> str:
+        """FLAME clips to the round's median update norm."""
+        return "median"
+
     def admitted(self, cos: torch.Tensor) -> tuple[list[int], list[int]]:
         """Rows in the majority HDBSCAN cluster, and the sizes of all clusters found.
 
