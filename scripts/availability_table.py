@@ -1,14 +1,14 @@
-"""The availability results table (docs/results.md, "Availability"): stall and strategic
-dropout by one hospital against the server's `wait` and `proceed` (+ deadline) policies, with
-the no-attack null, on scenarios/availability_heart.yaml and the inline engine. Resumable:
-finished cells are skipped.
+"""The availability results table (docs/results.md, "Availability") from the sweep
+`sweeps/availability_heart.yaml`: stall and strategic dropout by one hospital against the
+server's `wait` and `proceed` (+ deadline) policies, with the no-attack null.
 
-    .venv/bin/python scripts/availability_table.py [--seeds 0,1,2,3,4] [--out results/availability]
+    fedsec sweep sweeps/availability_heart.yaml               # the runs (resumable)
+    .venv/bin/python scripts/availability_table.py runs/availability-heart
 
-Writes <out>/table.md and table.csv; each cell's run folder is under <out>/runs/. Cells show
-the mean and 95% t interval over seeds of: rounds lost (the aggregate had fewer hospitals
-than were selected), simulated seconds to the target AUROC (the scenario's target_value;
-"never" when a seed did not reach it), the total simulated seconds, and the final AUROC.
+Writes <sweep>/availability.md and availability.csv. Cells show the mean and 95% t interval
+over seeds of: rounds lost (the aggregate had fewer hospitals than were selected),
+simulated seconds to the target AUROC (the scenario's target_value; "never" when a seed did
+not reach it), the total simulated seconds, and the final AUROC.
 """
 
 from __future__ import annotations
@@ -18,47 +18,33 @@ import csv
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-import fedsec  # noqa: E402
 from fedsec.analysis.tables import t_interval  # noqa: E402
-from fedsec.runner import RunFailed  # noqa: E402
 
-SCENARIO = ROOT / "scenarios" / "availability_heart.yaml"
-# attack label -> `attacks` override; VA Long Beach (hospital 3) is the attacker
-ATTACKS = {
-    "none": "none",
-    "stall": "[{preset: stall, hospitals: [3]}]",
-    # VA's data is 73% positive: with rare_label 1 / min_share 0.5 it withholds it every round
-    "strategic_dropout": "[{preset: strategic_dropout, hospitals: [3]}]",
-}
+ATTACKS = ["none", "stall", "strategic_dropout"]
 POLICIES = ["wait", "proceed"]
 
 
-def run_grid(seeds: list[int], out: Path) -> list[dict]:
-    rows, t0 = [], time.perf_counter()
-    cells = [(a, p, s) for a in ATTACKS for p in POLICIES for s in seeds]
-    for i, (attack, policy, seed) in enumerate(cells, 1):
-        run_dir = out / "runs" / f"{attack}-{policy}-s{seed}"
-        summary_file = run_dir / "summary.json"
-        status = json.loads(summary_file.read_text())["status"] if summary_file.exists() else None
-        if status not in ("completed", "completed_with_failures"):
-            print(f"[{i}/{len(cells)}] {attack} / {policy}, seed {seed} ...", file=sys.stderr, flush=True)
-            ov = [f"seed={seed}", f"attacks={ATTACKS[attack]}", f"federation.participation.policy={policy}",
-                  "engine.name=inline"]
-            try:
-                fedsec.run(str(SCENARIO), overrides=ov, out=run_dir, progress=False)
-            except RunFailed as err:
-                print(f"  failed: {err}", file=sys.stderr)
+def read_sweep(folder: Path) -> tuple[list[dict], list[int]]:
+    """One row per finished cell of the sweep in ``folder`` (its sweep.json and cells)."""
+    sweep = json.loads((folder / "sweep.json").read_text())
+    rows, seeds = [], set()
+    for c in sweep["cells"]:
+        summary_file = folder / c["path"] / "summary.json"
+        if not summary_file.exists():
+            continue
         s = json.loads(summary_file.read_text())
+        if s["status"] not in ("completed", "completed_with_failures"):
+            continue
         a = s.get("availability", {})
         reached = (a.get("target") or {}).get("reached")
-        rows.append({"attack": attack, "policy": policy, "seed": seed, "status": s["status"],
-                     "rounds": s["rounds"], "rounds_lost": a.get("rounds_lost"),
+        seeds.add(c["seed"])
+        rows.append({"attack": c["values"]["attack"], "policy": c["values"]["policy"], "seed": c["seed"],
+                     "status": s["status"], "rounds": s["rounds"], "rounds_lost": a.get("rounds_lost"),
                      "simulated_time_s": a.get("simulated_time_s"),
                      "target_round": reached["round"] if reached else None,
                      "simulated_to_target_s": reached["simulated_s"] if reached else None,
@@ -66,8 +52,7 @@ def run_grid(seeds: list[int], out: Path) -> list[dict]:
                      "auroc": s["final"].get("auroc"),
                      "auroc_va": (s.get("per_hospital", {}).get("va") or {}).get("auroc"),
                      "wall_s": s["timing"]["wall_s"]})
-    print(f"grid done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    return rows
+    return rows, sorted(seeds)
 
 
 def fmt(values: list, digits: int = 3) -> str:
@@ -84,7 +69,7 @@ def fmt(values: list, digits: int = 3) -> str:
 
 
 def write_table(rows: list[dict], out: Path, seeds: list[int]) -> str:
-    with (out / "table.csv").open("w", newline="") as fh:
+    with (out / "availability.csv").open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
@@ -103,19 +88,22 @@ def write_table(rows: list[dict], out: Path, seeds: list[int]) -> str:
                          f"{fmt([r['auroc_va'] for r in sel])} | "
                          f"{', '.join(statuses)} |")
     table = "\n".join(lines) + "\n"
-    (out / "table.md").write_text(table)
+    (out / "availability.md").write_text(table)
     return table
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seeds", default="0,1,2,3,4")
-    ap.add_argument("--out", default=str(ROOT / "results" / "availability"))
+    ap.add_argument("sweep", nargs="?", default=str(ROOT / "runs" / "availability-heart"),
+                    help="the folder of `fedsec sweep sweeps/availability_heart.yaml`")
     args = ap.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    print(write_table(run_grid(seeds, out), out, seeds))
+    out = Path(args.sweep)
+    if not (out / "sweep.json").exists():
+        raise SystemExit(f"{out}: not a sweep folder (run: fedsec sweep sweeps/availability_heart.yaml)")
+    rows, seeds = read_sweep(out)
+    if not rows:
+        raise SystemExit(f"{out}: no finished cell yet")
+    print(write_table(rows, out, seeds))
 
 
 if __name__ == "__main__":
