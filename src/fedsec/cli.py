@@ -99,10 +99,11 @@ def cmd_deploy(args) -> int:
         check_out_folder(args.out, args.force)
         if is_results_folder(args.out):  # an earlier run's folder: its files go, nothing else
             RunDir(args.out).clear()
+    data = _hospital_data(scenario, overrides, args.data or [])
     if args.docker:  # containers: TLS + node authentication always (docs/deployment.md)
         from fedsec.federation.docker_deploy import deploy_docker
 
-        summary = deploy_docker(scenario, overrides, args.out, image=args.image)
+        summary = deploy_docker(scenario, overrides, args.out, image=args.image, data_dirs=data or None)
         mode = "Docker containers, TLS + node authentication"
     else:
         summary = _deploy_stopping_on_sigterm(deploy, scenario, overrides, args)
@@ -114,6 +115,31 @@ def cmd_deploy(args) -> int:
         f"{k} {v:.3f}" for k, v in f.items() if v is not None))
     print(f"results: {summary['path']}")
     return 0
+
+
+def _hospital_data(scenario, overrides, items: list[str]) -> dict[int, str]:
+    """``--data HOSPITAL=PATH`` (repeatable) -> partition-id -> the hospital's own data folder
+    or file, mounted / given to that hospital's node only. Bad input exits 2 naming it."""
+    if not items:
+        return {}
+    from fedsec.errors import ScenarioError
+    from fedsec.federation.deployment import _hospital_names
+    from fedsec.registry import did_you_mean
+    from fedsec.scenario import load_scenario
+
+    names = _hospital_names(load_scenario(scenario, overrides or None))
+    out: dict[int, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ScenarioError(f"--data: expected HOSPITAL=PATH, got {item!r}")
+        if name not in names:
+            raise ScenarioError(f"--data: no hospital '{name}'{did_you_mean(name, names)}; the scenario's "
+                                f"hospitals are {', '.join(names)}")
+        if not Path(path).expanduser().exists():
+            raise ScenarioError(f"--data {name}={path}: no such file or folder")
+        out[names.index(name)] = str(Path(path).expanduser().resolve())
+    return out
 
 
 def _deploy_stopping_on_sigterm(deploy, scenario, overrides, args) -> dict:
@@ -131,7 +157,8 @@ def _deploy_stopping_on_sigterm(deploy, scenario, overrides, args) -> dict:
     except ValueError:  # not the main thread
         previous = None
     try:
-        return deploy(scenario, overrides, args.out, args.secure, clientapp=args.clientapp, verbose=True)
+        return deploy(scenario, overrides, args.out, args.secure, clientapp=args.clientapp, verbose=True,
+                      data_paths=_hospital_data(scenario, overrides, args.data or []) or None)
     except KeyboardInterrupt as err:
         _mark_interrupted(args.out, err)
         raise err if isinstance(err, Interrupted) else Interrupted(signal.SIGINT) from None
@@ -294,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--docker", action="store_true", help="one container per hospital and one for the "
                    "SuperLink (TLS + node authentication), from the image docker/build-images.sh makes")
     p.add_argument("--image", help="with --docker: the fedsec image to use (default: build or reuse one)")
+    p.add_argument("--data", action="append", metavar="HOSPITAL=PATH",
+                   help="a hospital's own data folder or file, given to its node only (with --docker: mounted "
+                        "read-only at /data in its container only); repeat per hospital")
     p.set_defaults(fn=cmd_deploy)
 
     p = sub.add_parser("validate", help="check scenario files (exit 0 if all valid, 2 otherwise)")

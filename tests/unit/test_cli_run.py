@@ -239,3 +239,26 @@ def test_signal_while_the_data_loads_stops_before_the_engine(tmp_path, monkeypat
     assert main(["run", QUICKSTART, "--out", str(out)]) == 143
     assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
     assert "interrupted after 0 finished round(s)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("item, words", [
+    ("nowhere=/tmp", ["--data: no hospital 'nowhere'", "cleveland, hungary"]),
+    ("hungary", ["--data: expected HOSPITAL=PATH"]),
+    ("hungary=/no/such/folder", ["--data hungary=/no/such/folder: no such file or folder"]),
+])
+def test_deploy_data_option_is_checked_before_anything_starts(item, words, capsys, monkeypatch):
+    import fedsec.federation.deployment as deployment
+
+    monkeypatch.setattr(deployment, "deploy", lambda *a, **k: pytest.fail("a deployment started"))
+    repo = Path(__file__).resolve().parents[2]
+    assert main(["deploy", str(repo / "scenarios" / "quickstart.yaml"), "--data", item]) == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words), err
+
+
+def test_deploy_data_maps_each_hospital_to_its_partition(tmp_path):
+    from fedsec.cli import _hospital_data
+
+    repo = Path(__file__).resolve().parents[2]
+    got = _hospital_data(str(repo / "scenarios" / "quickstart.yaml"), [], [f"hungary={tmp_path}"])
+    assert got == {1: str(tmp_path.resolve())}
