@@ -253,3 +253,24 @@ def test_report_page_in_headless_chromium(fake_sweep, tmp_path):
     assert results["external_loads"] == 0
     assert results["first_reading"].startswith("No attack: with FedAvg")
     assert results["title"].startswith("fedsec report")
+
+
+def test_matrix_cell_reads_its_attack_metric_against_the_null(fake_sweep):
+    """With summary.json's attack.stats (value, null, effect per seed), a cell whose effect's
+    interval over seeds includes 0 is "at floor" and coloured as no success."""
+    root, _ = fake_sweep
+    rows, keys = collect_rows(root)
+    import itertools
+
+    for r, effect in zip([r for r in rows if r.get("attacks") == "ehr_trigger"], itertools.cycle([0.05, -0.04])):
+        r["_summary"] = {**(r.get("_summary") or {}), "attack": {"asr": 0.3, "stats": {"asr": {
+            "value": 0.3, "null": 0.3 - effect, "effect": effect, "null_kind": "untrained"}}}}
+    m = rp.build_matrix(rows, keys, "attacks", "strategy", "auroc")
+    c = m.cells[("ehr_trigger", "fedavg")]
+    assert c.over_null is not None and c.over_null["at_floor"] and c.success == 0.0
+    assert "At floor: no detectable difference from its null" in c.reading and "an untrained model" in c.reading
+    for r in rows:  # a clear effect over the null: coloured by the effect, not the raw value
+        if r.get("attacks") == "ehr_trigger":
+            r["_summary"]["attack"]["stats"]["asr"].update(effect=0.6, null=0.2)
+    c = rp.build_matrix(rows, keys, "attacks", "strategy", "auroc").cells[("ehr_trigger", "fedavg")]
+    assert not c.over_null["at_floor"] and c.success == pytest.approx(0.6) and "Above its null" in c.reading

@@ -73,6 +73,10 @@ class MatrixCell:
     reading: str = ""
     winner: str | None = None  # the "strongest attack" row: the candidate selected on validation
     effect: dict | None = None  # its test effect over the null: mean, low, high, n, kind
+    # the attack metric over its own null (summary.json's attack.stats, one per seed): mean
+    # effect, 95% t interval over seeds, the mean null and its kind; at_floor when the
+    # interval includes 0 (or, with one seed, the run's bootstrap interval does)
+    over_null: dict | None = None
 
 
 @dataclass
@@ -85,6 +89,30 @@ class RiskMatrix:
     cells: dict[tuple[str, str], MatrixCell]
     groups: list[tuple[str, list[str]]]  # (threat group label, attacks in it)
     notes: list[str] = field(default_factory=list)
+
+
+# the value success_score maps to 0: an effect e over the null is scored as this origin + e
+NULL_ORIGIN = {"mia_auroc": 0.5, "auroc_mean": 0.5, "psnr": 10.0}
+
+
+def _over_null(runs: list[dict], metric: str) -> dict | None:
+    """The cell's attack metric against its null, from each run's ``attack.stats`` (seeds paired
+    by construction: each run scores its own null on the same records)."""
+    from fedsec.analysis.tables import t_interval
+
+    stats = [((r.get("_summary") or {}).get("attack") or {}).get("stats", {}).get(metric) for r in runs]
+    stats = [st for st in stats if isinstance(st, dict) and st.get("effect") is not None]
+    if not stats:
+        return None
+    effects = [float(st["effect"]) for st in stats]
+    mean = sum(effects) / len(effects)
+    low, high = t_interval(effects)
+    if low is None:  # one seed: the run's own bootstrap interval
+        low, high = (stats[0].get("effect_ci") or [None, None])
+    at_floor = low is not None and high is not None and low <= 0.0 <= high
+    nulls = [float(st["null"]) for st in stats if st.get("null") is not None]
+    return {"effect": mean, "low": low, "high": high, "n": len(effects), "at_floor": at_floor,
+            "null": sum(nulls) / len(nulls) if nulls else None, "null_kind": stats[0].get("null_kind")}
 
 
 def _scenario_of(row: dict) -> dict:
@@ -158,6 +186,7 @@ def build_matrix(rows: list[dict], keys: list[str], row_key: str | None, col_key
                 c.attack_metric = names[0]
                 vals = [r["attack_value"] for r in ok if r.get("attack_metric") == c.attack_metric]
                 c.attack_value, c.attack_std = _mean(vals), _std(vals)
+                c.over_null = _over_null(ok, c.attack_metric)
             first = (ok or members)[0]
             c.summary = first.get("_summary") or {}
             c.threat = dict(c.summary.get("threat_model") or {})
@@ -187,6 +216,12 @@ def build_matrix(rows: list[dict], keys: list[str], row_key: str | None, col_key
             if ref:
                 c.reference_utility, c.reference_attack_value = ref.utility, ref.attack_value
         c.success = None if _is_none(a) else success_score(c.attack_metric, c.attack_value, c.damage)
+        if c.success is not None and c.over_null is not None:
+            # colour by what the attack adds over its null (a clean model's backdoor "success",
+            # an untrained model's membership AUROC), not by the raw value
+            o = c.over_null
+            c.success = 0.0 if o["at_floor"] else success_score(
+                c.attack_metric, o["effect"] + NULL_ORIGIN.get(c.attack_metric, 0.0), None)
     # group rows by the threat-model tags (domain, adversary, goal), the reference row first
     groups: dict[str, list[str]] = {}
     for a in attacks:
@@ -323,6 +358,12 @@ def reading(c: MatrixCell, m: RiskMatrix) -> str:
                 how = "limits the damage" if dmg < 0.5 else "does not stop it"
                 text = (f"{subject} {action}: {metric} falls from {c.clean_utility:.2f} to {U:.2f} "
                         f"({min(dmg, 1.0):.0%} of the skill above chance lost); {D} {how}.")
+    o = c.over_null
+    if o is not None and o.get("null") is not None:
+        ci = f" [{o['low']:+.2f}, {o['high']:+.2f}]" if o.get("low") is not None else ""
+        null = f"{o['null']:.2f} on {'the no-attack run' if o.get('null_kind') == 'no_attack_run' else 'an untrained model' if o.get('null_kind') == 'untrained' else 'its null'}"
+        text += (f" At floor: no detectable difference from its null ({null}; effect {o['effect']:+.2f}{ci})."
+                 if o["at_floor"] else f" Above its null ({null}; effect {o['effect']:+.2f}{ci}).")
     if goal == "confidentiality" and c.attack_metric is None:
         text = f"{subject} attacks confidentiality ({c.attack}) but recorded no leakage metric; {metric} {U:.2f}."
     return text[0].upper() + text[1:] if text else D_cap
