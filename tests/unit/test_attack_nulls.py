@@ -161,15 +161,9 @@ def test_untrained_model_auroc_ci_includes_half(seed):
 
 
 def test_membership_effect_ci_excludes_zero_on_an_overfit_model():
-    torch.manual_seed(0)
-    members = Split(torch.randn(40, 10), torch.randint(0, 10, (40,)))
-    non_members = Split(torch.randn(200, 10), torch.randint(0, 10, (200,)))
-    model = nn.Sequential(nn.Linear(10, 128), nn.ReLU(), nn.Linear(128, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    for _ in range(300):
-        opt.zero_grad()
-        F.cross_entropy(model(members.x), members.y).backward()
-        opt.step()
+    from tests.unit.test_attacks_privacy import _overfit_toy
+
+    model, members, non_members = _overfit_toy()
     out = membership.LossThresholdMIA().evaluate(model, None, AttackContext(extra={
         "members": {0: members}, "holdout": {0: non_members}}))
     s = out["stats"]["auroc_mean"]

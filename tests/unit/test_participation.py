@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ConfigRecord, Message, MetricRecord, RecordDict
 
 import fedsec
 from fedsec.attacks import make_attack
@@ -23,7 +23,7 @@ from fedsec.errors import FedsecError, ScenarioError
 from fedsec.federation import participation as part
 from fedsec.scenario import load_scenario
 
-from .test_server_strategy import BENIGN, D, HEART, NAMES, flat, global_arrays, make_strategy, plan
+from .test_server_strategy import BENIGN, HEART, NAMES, flat, global_arrays, make_strategy, plan
 from .test_server_strategy import task_identity  # noqa: F401 - the autouse fixture
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -39,14 +39,9 @@ _SIZES: dict = {}
 
 
 def _scenario(row: dict) -> dict:
-    import yaml
+    from fedsec.analysis.matrix import _scenario_of
 
-    if "_scenario" not in row:
-        try:
-            row["_scenario"] = yaml.safe_load((Path(row["_dir"]) / "scenario.yaml").read_text()) or {}
-        except (KeyError, OSError, yaml.YAMLError):
-            row["_scenario"] = {}
-    return row["_scenario"]
+    return _scenario_of(row)
 
 
 def malicious_names(row: dict, names: list[str]) -> set[str]:
