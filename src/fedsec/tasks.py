@@ -224,7 +224,7 @@ def build_mednist(scenario) -> FederatedDataset:
     return _imaging(scenario, "mednist")
 
 
-def split_validation(train: list, fraction, seed: int) -> tuple[list, list]:
+def split_validation(train: list, fraction, seed: int, hospital_ids: list[int] | None = None) -> tuple[list, list]:
     """Each hospital's training records -> (kept for training, validation): a stratified share
     ``fraction`` (at least one record per hospital, at least one left to train on), drawn with
     the scenario's seed so every cell of a sweep with that seed holds out the same records."""
@@ -235,8 +235,9 @@ def split_validation(train: list, fraction, seed: int) -> tuple[list, list]:
     if fraction == 0:
         return list(train), None
     kept, val = [], []
-    for h, split in enumerate(train):
+    for i, split in enumerate(train):
         n = len(split)
+        h = hospital_ids[i] if hospital_ids is not None else i
         rng = np.random.default_rng([int(seed), 4099, h])
         y = split.y.numpy()
         strata = y.argmax(1) if y.ndim == 2 else y
@@ -256,12 +257,16 @@ def split_validation(train: list, fraction, seed: int) -> tuple[list, list]:
     return kept, val
 
 
-def build_task(scenario) -> Task:
+def build_task(scenario, hospital_ids: list[int] | None = None) -> Task:
+    """hospital_ids: the federation's ids of the hospitals the data holds, when it holds not
+    all of them (a deployment node holding only its own partition): the per-hospital draws
+    below (validation split, membership holdout) are seeded by these ids, so a node draws
+    what the simulation draws for that hospital."""
     builder = TASKS.get(scenario.task.name, key="task.name")
     data = builder(scenario)
     frac = (scenario.task.options or {}).get("val_fraction")
     if frac is not None:
-        data.train, data.val = split_validation(data.train, frac, scenario.seed)
+        data.train, data.val = split_validation(data.train, frac, scenario.seed, hospital_ids)
     limit = (scenario.task.options or {}).get("max_train_per_hospital")
     if limit is not None:
         # e.g. 1 for a hospital whose update comes from a single patient (inversion studies)
@@ -272,5 +277,5 @@ def build_task(scenario) -> Task:
 
     fraction = holdout_fraction_of(scenario)
     if fraction is not None:  # membership inference's non-members: never trained on
-        reserve_holdout(data, fraction, scenario.seed)
+        reserve_holdout(data, fraction, scenario.seed, hospital_ids)
     return Task(scenario.task.name, data, scenario.task.model, dict(scenario.task.model_options or {}))

@@ -56,3 +56,24 @@ def test_ehr_csv_errors_name_column_and_path(tmp_path):
         read_ehr_csv(p, hospital_column="site")
     with pytest.raises(DataError, match="not found"):
         read_ehr_csv(tmp_path / "missing.csv")
+
+
+def test_a_node_holding_only_its_own_site_draws_the_simulation_s_splits():
+    """A deployment node reads only its own site's file; seeded by its federation id, its
+    validation split and membership holdout are the simulation's for that hospital."""
+    import torch
+
+    from fedsec.scenario import load_scenario
+    from fedsec.tasks import build_task
+
+    over = ["task.options.val_fraction=0.2", "attacks=[{preset: membership_loss}]"]
+    whole = build_task(load_scenario({"task": {"name": "heart_disease", "model": "logistic"}}, over)).data
+    own = build_task(load_scenario({"task": {"name": "heart_disease", "model": "logistic"},
+                                    "federation": {"sites": ["switzerland"]}}, over), [2]).data
+    assert own.hospitals == ["switzerland"]
+    for a, b in ((whole.val[2], own.val[0]), (whole.holdout[2], own.holdout[0]), (whole.train[2], own.train[0])):
+        assert torch.equal(a.y, b.y) and len(a) == len(b)
+    unseeded = build_task(load_scenario({"task": {"name": "heart_disease", "model": "logistic"},
+                                         "federation": {"sites": ["switzerland"]}}, over)).data
+    assert not torch.equal(unseeded.holdout[0].y, own.holdout[0].y) or len(unseeded.val[0]) != len(own.val[0]) \
+        or not torch.equal(unseeded.train[0].x, own.train[0].x)

@@ -203,13 +203,14 @@ def holdout_fraction_of(scenario) -> float | None:
     return max(fractions) if fractions else None
 
 
-def reserve_holdout(data, fraction: float, seed: int) -> None:
+def reserve_holdout(data, fraction: float, seed: int, hospital_ids: list[int] | None = None) -> None:
     """Move a label-stratified ``fraction`` of each hospital's training records into
     ``data.holdout`` (membership inference's non-members): they are never trained on, since
     every hospital trains on ``data.train`` only. The same scenario gives the same split on
     the server and on every hospital (seeded by the scenario seed and the hospital)."""
     train, holdout, index = [], [], []
-    for h, split in enumerate(data.train):
+    for i, split in enumerate(data.train):
+        h = hospital_ids[i] if hospital_ids is not None else i  # the federation's id of the hospital
         g = torch.Generator().manual_seed(int(seed) * 1000 + 17 * h + 3)
         kept, reserved = stratified_holdout(split.y, fraction, g)
         assert not set(kept) & set(reserved) and len(kept) + len(reserved) == len(split), \

@@ -59,7 +59,8 @@ def load_context(config: ConfigRecord, context: Context):
             scenario.task.path = str(data_path)
             total = _own_site_only(scenario, context)
         _threads(scenario.engine.num_cpus)
-        task = build_task(scenario)
+        own = [int(context.node_config.get("partition-id", 0))] if total else None
+        task = build_task(scenario, own)  # own: this node's id seeds its per-hospital draws
         # the federation's size, not the node's: who is malicious is drawn over every hospital
         task.data.info["federation_size"] = total or task.data.num_hospitals
         task.data.info["own_data"] = bool(data_path)
