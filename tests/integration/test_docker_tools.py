@@ -24,6 +24,14 @@ def test_check_data_reports_the_hospitals_records(tmp_path):
     msg = check_data(QUICKSTART, data, "hungary")
     assert msg.startswith(f"heart_disease data in {data}: OK for hospital hungary (")
     assert "training and" in msg and "cleveland, hungary" in msg
+    # a hospital's folder holding its own file only: read as its ClientApp reads it
+    own = tmp_path / "own"
+    own.mkdir()
+    shutil.copyfile(HEART_FILES / "processed.hungarian.data", own / "processed.hungarian.data")
+    assert check_data(QUICKSTART, own, "hungary").startswith(
+        f"heart_disease data in {own}: OK for hospital hungary (172 training and 89 test records)")
+    with pytest.raises(FedsecError, match=r"processed\.cleveland\.data: heart-disease file not found"):
+        check_data(QUICKSTART, own, "cleveland")
 
 
 def test_check_data_names_the_missing_file_and_exits_2(tmp_path, capsys):

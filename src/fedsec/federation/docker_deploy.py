@@ -653,11 +653,10 @@ def check_data(scenario_path: str | os.PathLike, data_dir: str | os.PathLike, ho
     scenario.task.path = str(data_dir)
     fed = scenario.federation
     sites = list(fed.sites or TASKS.get(scenario.task.name).spec.sites or [])
-    if sites and str(dict(fed.partition).get("name", "natural")) == "natural":
-        # as the ClientApp does (client_app._own_site_only): the hospital reads only its own site
+    if sites and hospital is not None and str(dict(fed.partition).get("name", "natural")) == "natural":
+        # as the ClientApp does (client_app._own_site_only): the hospital reads only its own site's file
         if hospital not in sites:
-            raise FedsecError(f"--hospital: give one of the scenario's hospitals ({', '.join(sites)}), "
-                              f"got {hospital!r}")
+            raise FedsecError(f"hospital '{hospital}' is not in the scenario's hospitals {sites}")
         fed.sites = [hospital]
     task = build_task(scenario)
     names = list(task.data.hospitals)
@@ -666,7 +665,7 @@ def check_data(scenario_path: str | os.PathLike, data_dir: str | os.PathLike, ho
     idx = names.index(hospital) if hospital in names else 0
     return (f"{scenario.task.name} data in {data_dir}: OK for hospital {names[idx]} "
             f"({len(task.data.train[idx])} training and {len(task.data.test[idx])} test records); "
-            f"the scenario's hospitals are {', '.join(names)}")
+            f"the scenario's hospitals are {', '.join(sites or names)}")
 
 
 def cleanup(deployment_id: str | None = None) -> list[str]:
