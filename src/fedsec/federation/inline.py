@@ -321,11 +321,14 @@ def run_on_backend(backend: "Backend | InlineBackend", serve_fn, num_hospitals: 
         grid = DirectGrid(backend, num_hospitals, run)
         with _task_identity(run):
             server_app(grid=grid, context=context)
-    except KeyboardInterrupt:
-        # Hospitals' threads still waiting on Ray actors fail once Ray shuts down; Flower's
-        # backend logs each as an ERROR. The user stopped the run: say nothing more
+    except BaseException:
+        # The run is ending (Ctrl-C, or the ServerApp failed: e.g. hospitals that did not
+        # reply in time). Hospitals' threads still waiting on Ray actors fail once the backend
+        # terminates; Flower's backend logs each as an ERROR, after fedsec has already said why
+        # the run ended. Say nothing more unless --verbose asked for Flower's logs
         # (engine.quiet() sets the level again for the next run).
-        log.setLevel(logging.CRITICAL)
+        if log.getEffectiveLevel() > logging.INFO:
+            log.setLevel(logging.CRITICAL)
         raise
     finally:
         backend.terminate()
