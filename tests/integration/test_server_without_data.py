@@ -44,9 +44,9 @@ def test_deployment_lifecycle_builds_no_task_on_the_server_and_equals_simulation
     builders: list[str] = []
     real = fedsec.tasks.build_task
 
-    def recording(scenario):  # who asked for the task: the name of the calling function
+    def recording(scenario, *args, **kwargs):  # who asked for the task: the name of the calling function
         builders.append(inspect.stack()[1].function)
-        return real(scenario)
+        return real(scenario, *args, **kwargs)
 
     monkeypatch.setattr(fedsec.tasks, "build_task", recording)
     scenario = _load(HEART)
