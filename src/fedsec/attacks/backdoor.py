@@ -255,13 +255,26 @@ class Backdoor(Attack):
         out["asr"][keep] = hits.double()
         null, kind = self.null_model(ctx)
         if null is not None:
-            out["asr@null"] = nan.clone()
-            out["asr@null"][keep] = self._hits(null, test, ctx).double()
+            out.update(self._null_records(null, kind, test, ctx))
             if kind == "no_attack_run" and not multilabel:
                 out["correct"] = (predict_labels(model, test.x) == test.y).double()
-                out["correct@null"] = (predict_labels(null, test.x) == test.y).double()
                 out["label"] = test.y.double()
         return out
+
+    def _null_records(self, null, kind: str, test: Split, ctx) -> dict[str, torch.Tensor]:
+        """The null model's per-record outcomes on ``test``: fixed for the run (a fixed model on
+        fixed records), so computed once per hospital's test split, not every round."""
+        key = ("records", self.options.get("null_run"), getattr(ctx, "hospital", None), len(test))
+        if key not in self._null_cache:
+            multilabel = test.y.dim() == 2
+            keep = test.y[:, self.target] < 0.5 if multilabel else test.y != self.target
+            hits = torch.full((len(test.y),), float("nan"), dtype=torch.float64)
+            hits[keep] = self._hits(null, test, ctx).double()
+            out = {"asr@null": hits}
+            if kind == "no_attack_run" and not multilabel:
+                out["correct@null"] = (predict_labels(null, test.x) == test.y).double()
+            self._null_cache[key] = out
+        return {k: v.clone() for k, v in self._null_cache[key].items()}
 
     def summarise_records(self, records: dict[str, torch.Tensor], seed: int = 0) -> dict:
         """``asr`` (the mean over counted records) and, when the null's records are there,
