@@ -282,7 +282,8 @@ class RunLifecycle:
         status, error, failure, started = "failed", None, None, False
         tracker = None
         simulation = self.engine_name != "deployment"
-        guard = stop_on_signals(kill_local_ray=not scenario.engine.address) if simulation else contextlib.nullcontext()
+        guard = (stop_on_signals(kill_local_ray=not scenario.engine.address, uses_ray=self.engine_name != "inline")
+                 if simulation else contextlib.nullcontext())
         try:
             with guard:
                 self._prepare(manifest)

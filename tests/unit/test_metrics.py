@@ -44,3 +44,43 @@ def test_multilabel():
     m = classification_metrics(scores, labels, multilabel=True)
     assert math.isclose(m["accuracy"], 3 / 4, rel_tol=1e-6)
     assert m["sensitivity"] == 1.0  # only label 0 has a positive, and it is found
+
+
+def test_auroc_equals_monai_and_sklearn_with_ties():
+    """fedsec's AUROC (Mann-Whitney with midranks, no MONAI import) equals MONAI's
+    compute_roc_auc and scikit-learn's roc_auc_score, ties included."""
+    from monai.metrics import compute_roc_auc
+    from sklearn.metrics import roc_auc_score
+
+    from fedsec.metrics import binary_auroc
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        n = int(torch.randint(2, 300, (1,), generator=g))
+        # coarse scores force many ties; fine ones few
+        levels = [3, 10, 1000][trial % 3]
+        s = torch.randint(0, levels, (n,), generator=g).float() / levels
+        t = (torch.rand(n, generator=g) < 0.3).float()
+        t[0], t[1] = 0.0, 1.0  # both classes present
+        ours = binary_auroc(s, t)
+        assert abs(ours - float(compute_roc_auc(s, t))) < 1e-6  # MONAI sums in float32
+        assert abs(ours - roc_auc_score(t.numpy(), s.numpy())) < 1e-9
+
+
+def test_multiclass_auroc_is_macro_one_vs_rest_as_sklearn():
+    from sklearn.metrics import roc_auc_score
+
+    g = torch.Generator().manual_seed(1)
+    scores = torch.softmax(torch.randn(200, 3, generator=g), 1)
+    labels = torch.randint(0, 3, (200,), generator=g)
+    m = classification_metrics(scores, labels)
+    ref = roc_auc_score(labels.numpy(), scores.numpy(), multi_class="ovr", average="macro")
+    assert abs(m["auroc"] - ref) < 1e-9
+
+
+def test_auroc_one_class_is_nan_and_perfect_ranking_is_one():
+    from fedsec.metrics import binary_auroc
+
+    assert math.isnan(binary_auroc(torch.tensor([0.1, 0.2]), torch.tensor([1.0, 1.0])))
+    assert binary_auroc(torch.tensor([0.1, 0.9, 0.8]), torch.tensor([0.0, 1.0, 1.0])) == 1.0
+    assert binary_auroc(torch.tensor([0.5, 0.5]), torch.tensor([0.0, 1.0])) == 0.5
