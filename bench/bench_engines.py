@@ -60,8 +60,8 @@ def worker_plain_torch(overrides: list[str]) -> list[float]:
     """The same rounds without Flower or Ray."""
     import torch
 
-    from fedsec.federation.params import flatten_state, unflatten_state
-    from fedsec.federation.training import predict, train_local
+    from fedsec.core.params import flatten_state, unflatten_state
+    from fedsec.core.training import predict, train_local
     from fedsec.tasks import build_task
 
     torch.set_num_threads(1)

@@ -37,7 +37,7 @@ def _task():
 
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
-    from fedsec.federation.training import train_local
+    from fedsec.core.training import train_local
 
     scenario, task = _task()
     h = int(context.node_config["partition-id"])
@@ -52,7 +52,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @client_app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    from fedsec.federation.training import predict
+    from fedsec.core.training import predict
 
     _, task = _task()
     h = int(context.node_config["partition-id"])

@@ -143,7 +143,9 @@ def build_model(name: str, input_shape, num_classes: int, options: dict | None =
                           "use a MedMNIST file of that size, or pick small_cnn / resnet10")
     options = dict(options or {})
     if seed is not None:
-        torch.manual_seed(seed)
+        from fedsec.core.training import seed_global_rng
+
+        seed_global_rng(seed)
     try:
         model = factory(tuple(input_shape), int(num_classes), **options)
     except TypeError as err:

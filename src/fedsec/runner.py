@@ -48,8 +48,10 @@ class Progress:
         if self.tracker:
             self.tracker(record)
         if self.run_dir is not None and self.manifest is not None:
-            self.manifest["files"] = self.run_dir.created_files()
-            self.run_dir.write_manifest(self.manifest)
+            files = self.run_dir.created_files()
+            if files != self.manifest.get("files"):  # an fsync'd rewrite only when the list changed
+                self.manifest["files"] = files
+                self.run_dir.write_manifest(self.manifest)
         if not self.enabled:
             return
         g = record["global"]
@@ -306,6 +308,7 @@ class RunLifecycle:
         finally:
             if tracker:
                 tracker.close()
+            run_dir.sync_rounds()
             summary = finish_summary(build_summary(scenario, run_dir, status, self.t0, error), run_dir, scenario,
                                      failure)
             run_dir.write_summary(summary)

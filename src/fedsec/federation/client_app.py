@@ -138,7 +138,7 @@ def query(msg: Message, context: Context) -> Message:
 @app.train(mods=[secagg_mod, clipping_mod])
 def train(msg: Message, context: Context) -> Message:
     from fedsec.core.params import flatten_state, unflatten_state
-    from fedsec.core.training import train_local
+    from fedsec.core.training import seed_global_rng, train_local
 
     t0 = time.perf_counter()
     config = msg.content["config"]
@@ -164,7 +164,7 @@ def train(msg: Message, context: Context) -> Message:
             data = _POISONED[cache_key]
 
     generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # dropout and any other global-RNG use
+    seed_global_rng(seed)  # dropout and any other global-RNG use
     privacy = scenario.privacy
     dp_metrics: dict = {}
     if privacy.dp_sgd:  # record-level DP: Opacus, epsilon from this hospital's history

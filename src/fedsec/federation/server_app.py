@@ -38,6 +38,7 @@ from fedsec.attacks.nulls import merge_attack_metrics
 from fedsec.attacks.base import AttackContext
 from fedsec.errors import FedsecError
 from fedsec.core.params import flatten_state, unflatten_state
+from fedsec.core.training import seed_global_rng
 from fedsec.federation.adversary import AttackPlan, all_malicious, forge_updates
 from fedsec.metrics import classification_metrics
 
@@ -199,7 +200,7 @@ class FedsecStrategy(FedAvg):
         (FLTrust's root training, observers' models), restored afterwards: a function of the
         round alone, so a resumed run draws what an uninterrupted one drew."""
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_seed(self.scenario.seed, r, 9))
+            seed_global_rng(_seed(self.scenario.seed, r, 9))
             yield
 
     # ---- set-up ------------------------------------------------------------------------
