@@ -58,18 +58,23 @@ def stack_flat(records, keys: list[str], d: int, minus: torch.Tensor | None = No
     ValueError naming the record and entry whose size does not fit."""
     out = torch.empty(len(records), d, dtype=torch.float32)
     view = out.numpy()  # shares memory with ``out``
+    m = None if minus is None else minus.detach().to(torch.float32).cpu().numpy()
     for i, record in enumerate(records):
         offset = 0
         for k in keys:
             a = _flat_values(record[k])
             if offset + a.size > d:
                 raise ValueError(f"record {i}: entry '{k}' overruns the model's {d} values")
-            view[i, offset:offset + a.size] = a  # numpy casts (e.g. float16 / float64 -> float32)
+            row = view[i, offset:offset + a.size]
+            if m is not None and a.dtype == np.float32:  # one pass: read both, write the row
+                np.subtract(a, m[offset:offset + a.size], out=row)
+            else:
+                row[...] = a  # numpy casts (e.g. float16 / float64 -> float32)
+                if m is not None:
+                    row -= m[offset:offset + a.size]
             offset += a.size
         if offset != d:
             raise ValueError(f"record {i}: {offset} values, the model has {d}")
-    if minus is not None:
-        out -= minus.to(out.dtype)
     return out
 
 
