@@ -300,7 +300,8 @@ SWEEP_FILE_KEYS = {
     "engine": "auto | ray | inline",
     "parallel": "cells side by side",
     "out": "sweep folder (relative to the current directory)",
-    "strongest": "true, or {attacks: AXIS, defenses: AXIS, no_attack: LABEL}: the strongest attack per defense",
+    "strongest": "true, or {attacks: AXIS, defenses: AXIS, no_attack: LABEL, selection_seeds: SEEDS, "
+                 "allow_seed_overlap: false}: the strongest attack per defense",
     "table": "{rows: AXIS, cols: AXIS, metric: auroc}",
 }
 TABLE_KEYS = ("rows", "cols", "metric")
@@ -396,15 +397,19 @@ def load_sweep_file(path) -> SweepFile:
                      None if out is None else str(out), strongest, dict(table))
 
 
-STRONGEST_KEYS = ("attacks", "defenses", "no_attack")
+STRONGEST_KEYS = ("attacks", "defenses", "no_attack", "selection_seeds", "allow_seed_overlap")
 
 
 def parse_strongest(value, grid: dict, source: str = "command line") -> dict | None:
-    """``true`` or ``{attacks: AXIS, defenses: AXIS, no_attack: LABEL}`` -> the resolved dict (or None).
+    """``true`` or ``{attacks: AXIS, defenses: AXIS, no_attack: LABEL, selection_seeds: SEEDS,
+    allow_seed_overlap: BOOL}`` -> the resolved dict (or None).
 
     attacks: the axis whose labels are the candidate attacks (default ``attacks``); null: its
     no-attack label (default ``none``); defenses: the axis of the defenses (default
-    ``strategy`` when in the grid, else the first other axis; none: one column)."""
+    ``strategy`` when in the grid, else the first other axis; none: one column);
+    selection_seeds: seeds that only select the winner (the sweep's ``seeds`` then only report
+    it; default: the same seeds do both); allow_seed_overlap: accept selection seeds that are
+    also reporting seeds (see resolve_strongest_seeds)."""
     from fedsec.registry import did_you_mean
 
     if value is None or value is False:
@@ -412,8 +417,8 @@ def parse_strongest(value, grid: dict, source: str = "command line") -> dict | N
     if value is True:
         value = {}
     if not isinstance(value, dict):
-        raise ScenarioError("expected true or {attacks: AXIS, defenses: AXIS, no_attack: LABEL}", file=source,
-                            key="strongest")
+        raise ScenarioError("expected true or {attacks: AXIS, defenses: AXIS, no_attack: LABEL, selection_seeds: "
+                            "SEEDS}", file=source, key="strongest")
     for k in value:
         if k not in STRONGEST_KEYS:
             raise ScenarioError(f"unknown key{did_you_mean(str(k), STRONGEST_KEYS)}; keys: "
@@ -437,7 +442,46 @@ def parse_strongest(value, grid: dict, source: str = "command line") -> dict | N
     elif defenses not in grid or defenses == attacks:
         raise ScenarioError(f"'{defenses}' is not a grid axis other than '{attacks}'", file=source,
                             key="strongest.defenses")
-    return {"attacks": attacks, "defenses": defenses, "no_attack": null}
+    sel = value.get("selection_seeds")
+    if sel is not None:
+        try:
+            sel = parse_seeds(sel if not isinstance(sel, int) or isinstance(sel, bool) else [sel])
+        except (ScenarioError, TypeError, ValueError):
+            raise ScenarioError(f"expected seeds like [0, 1, 2] or '0-2', got {sel!r}", file=source,
+                                key="strongest.selection_seeds") from None
+        if not sel:
+            raise ScenarioError("give at least one selection seed", file=source, key="strongest.selection_seeds")
+    overlap = value.get("allow_seed_overlap", False)
+    if not isinstance(overlap, bool):
+        raise ScenarioError(f"expected true or false, got {overlap!r}", file=source,
+                            key="strongest.allow_seed_overlap")
+    return {"attacks": attacks, "defenses": defenses, "no_attack": null, "selection_seeds": sel,
+            "allow_seed_overlap": overlap}
+
+
+def resolve_strongest_seeds(strongest: dict | None, seeds: list[int] | None) -> list[int] | None:
+    """With selection seeds: check them against the reporting seeds (the sweep's ``seeds``),
+    record both roles in the spec (``report_seeds``) and return the seeds the cells run with
+    (selection seeds first, then the reporting seeds). Without: ``seeds`` unchanged.
+
+    Overlapping sets are refused (exit 2) unless ``allow_seed_overlap``: a seed that both
+    selects and reports brings back the selection bias the separate sets remove."""
+    if not strongest or strongest.get("selection_seeds") is None:
+        if strongest is not None:
+            strongest["report_seeds"] = None
+        return seeds
+    sel = list(strongest["selection_seeds"])
+    if seeds is None:
+        raise ScenarioError("selection seeds need reporting seeds as well: give --seeds (or seeds: in the sweep "
+                            "file), disjoint from the selection seeds", key="seeds")
+    shared = [s for s in sel if s in seeds]
+    if shared and not strongest.get("allow_seed_overlap"):
+        raise ScenarioError(f"the selection seeds {sel} and the reporting seeds {list(seeds)} share seed(s) "
+                            f"{shared}: a winner reported on the seeds that chose it carries selection bias. Give "
+                            "disjoint sets, or pass --allow-seed-overlap (strongest.allow_seed_overlap: true) to "
+                            "accept it", key="strongest.selection_seeds")
+    strongest["report_seeds"] = list(seeds)
+    return sel + [s for s in seeds if s not in sel]
 
 
 def check_strongest_cells(strongest: dict, scenarios: list) -> None:
@@ -942,7 +986,8 @@ def check_sweep_out(out: Path, force: bool = False) -> None:
 def run_sweep(scenario, grid=None, seeds=None, out=None, overrides=None, parallel: int | None = None,
               address: str | None = None, rows: str | None = None, cols: str | None = None,
               metric: str | None = None, stream=sys.stderr, dry_run: bool = False, force: bool = False,
-              engine: str | None = None, strongest=None) -> dict:
+              engine: str | None = None, strongest=None, selection_seeds=None,
+              allow_seed_overlap: bool = False) -> dict:
     """Run (or resume) a sweep; returns sweep.json's dict (plus ``"tables"``: the written files).
 
     scenario: a scenario file. grid: ``{"attacks": ["none", "alie"], ...}`` or
@@ -951,8 +996,11 @@ def run_sweep(scenario, grid=None, seeds=None, out=None, overrides=None, paralle
     engine: auto | ray | inline, where cells run (see cell_engine).
     scenario may be a sweep file (docs/sweeps.md): its keys are the defaults, the arguments
     given here win (``grid`` axes are added to the file's; ``overrides`` follow the file's).
-    strongest: True or ``{attacks, defenses, null}``: select the strongest attack per defense
-    on the cells' validation split (fedsec.analysis.strongest).
+    strongest: True or ``{attacks, defenses, no_attack, selection_seeds, allow_seed_overlap}``:
+    select the strongest attack per defense on the cells' validation split
+    (fedsec.analysis.strongest). selection_seeds (``"0,1,2"`` or a list; implies strongest):
+    the seeds that select the winner, ``seeds`` then only report it; allow_seed_overlap: accept
+    sets that share seeds (refused otherwise, exit 2).
     Raises ScenarioError (nothing runs) for an invalid cell.
     """
     from fedsec.federation.engine import quiet
@@ -979,10 +1027,20 @@ def run_sweep(scenario, grid=None, seeds=None, out=None, overrides=None, paralle
     engine = engine or (sweep_file.engine if sweep_file else None) or "auto"
     parallel = parallel or (sweep_file.parallel if sweep_file else None)
     out = out or (sweep_file.out if sweep_file else None)
-    if strongest is None and sweep_file:
-        strongest = sweep_file.strongest
+    if sweep_file and sweep_file.strongest and (strongest is None or strongest is True):
+        strongest = dict(sweep_file.strongest)
     elif strongest is not None and strongest is not False:
         strongest = parse_strongest(strongest, grid)
+    if selection_seeds is not None or allow_seed_overlap:
+        strongest = dict(strongest or parse_strongest(True, grid))  # selection seeds imply --strongest
+        if selection_seeds is not None:
+            try:
+                strongest["selection_seeds"] = parse_seeds(selection_seeds)
+            except ScenarioError as err:
+                raise ScenarioError(str(err).replace("--seeds", "--selection-seeds"), file="command line",
+                                    key="--selection-seeds") from None
+        strongest["allow_seed_overlap"] = bool(allow_seed_overlap or strongest.get("allow_seed_overlap"))
+    seeds = resolve_strongest_seeds(strongest or None, seeds)
     cells = expand(grid, seeds, base)
     if engine not in ENGINES:
         raise ScenarioError(f"--engine must be one of {', '.join(ENGINES)}, got '{engine}'", file="command line")
@@ -1015,6 +1073,11 @@ def run_sweep(scenario, grid=None, seeds=None, out=None, overrides=None, paralle
     state.parallel = parallel = max(1, min(parallel, len(pending) or 1))
     state.log(f"{len(cells)} cells ({' x '.join(f'{len(v)} {k}' for k, v in grid.items()) or '1'}"
               f"{f' x {len(seeds)} seed' + ('s' if len(seeds) > 1 else '') if seeds else ''}) -> {out}")
+    if strongest and strongest.get("report_seeds") is not None:
+        from fedsec.analysis.strongest import seeds_text
+
+        state.log(f"strongest attack: selected on seeds {seeds_text(strongest['selection_seeds'])} (validation "
+                  f"split), reported on seeds {seeds_text(strongest['report_seeds'])} (test split)")
     if skipped:
         state.log(f"{skipped} already completed (skipped), {len(pending)} to run")
     if dry_run:
@@ -1162,6 +1225,12 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--strongest", action="store_true",
                    help="per defense, select the attack with the largest effect over the no-attack cell on the "
                         "validation split (task.options.val_fraction), and report its test metric")
+    p.add_argument("--selection-seeds", metavar="0,1,2",
+                   help="with --strongest (implied): the seeds whose validation splits select the winner; --seeds "
+                        "are then the reporting seeds, the only ones its test effect is computed from")
+    p.add_argument("--allow-seed-overlap", action="store_true",
+                   help="accept --selection-seeds that share seeds with --seeds (refused otherwise: those seeds "
+                        "would both select and report)")
     p.add_argument("--dry-run", action="store_true", help="validate and list the cells, run nothing")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out folder that is not a sweep "
                                                        "(nothing already there is removed or overwritten)")
@@ -1195,7 +1264,8 @@ def _cmd_sweep(args) -> int:
     result = run_sweep(paths[0], grid=args.grid, seeds=args.seeds, out=args.out, overrides=overrides,
                        parallel=args.parallel, address=args.address, rows=args.rows, cols=args.cols,
                        metric=args.metric, dry_run=args.dry_run, force=args.force, engine=args.engine,
-                       strongest=True if args.strongest else None)
+                       strongest=True if args.strongest else None, selection_seeds=args.selection_seeds,
+                       allow_seed_overlap=args.allow_seed_overlap)
     if args.dry_run:
         return 0
     print(Path(result["tables"]["summary_md"]).read_text())
