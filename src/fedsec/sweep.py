@@ -150,6 +150,10 @@ class Cell:
     digest: str | None = None
     engine: str = "ray"  # where it runs: ray | inline (see cell_engine)
     extra: dict = field(default_factory=dict)
+    # a backdoor cell: what its ASR floor (null_run) is (see pair_nulls): the id of the sweep's
+    # no-attack cell it waits for, or None, and the words the sweep's output uses for it
+    null: str | None = None
+    null_text: str | None = None
 
     @property
     def label(self) -> str:
@@ -159,9 +163,13 @@ class Cell:
         return ",".join(parts) or "base"
 
     def to_json(self) -> dict:
-        return {"id": self.id, "values": self.values, "seed": self.seed, "overrides": self.overrides,
-                "status": self.status, "error": self.error, "wall_s": self.wall_s,
-                "path": f"cells/{self.id}", "digest": self.digest, "engine": self.engine}
+        out = {"id": self.id, "values": self.values, "seed": self.seed, "overrides": self.overrides,
+               "status": self.status, "error": self.error, "wall_s": self.wall_s,
+               "path": f"cells/{self.id}", "digest": self.digest, "engine": self.engine}
+        if self.null_text is not None:
+            out["null_run"] = f"cells/{self.null}" if self.null else None
+            out["null"] = self.null_text
+        return out
 
 
 def cell_id(values: dict[str, str], seed: int | None, overrides: list[str]) -> str:
@@ -492,6 +500,73 @@ def check_strongest_cells(strongest: dict, scenarios: list) -> None:
             raise ScenarioError("the strongest attack is selected on a validation split and this scenario has none: "
                                 "set task.options.val_fraction (e.g. 0.2; the hospitals keep that share of their "
                                 "training records aside)", key="task.options.val_fraction")
+
+
+def _touches_attacks(override: str) -> bool:
+    key = override.partition("=")[0].strip()
+    return key == "attacks" or key.startswith(("attacks[", "attacks."))
+
+
+def _backdoor_entries(scenario) -> list[int]:
+    """Indices of the scenario's attacks that take a ``null_run`` (the backdoors)."""
+    from fedsec.registry import ATTACKS
+
+    out = []
+    for i, entry in enumerate(scenario.attacks or []):
+        try:
+            specs = ATTACKS.options(entry.get("attack"))
+        except FedsecError:
+            continue
+        if any(o.name == "null_run" for o in specs or []):
+            out.append(i)
+    return out
+
+
+def pair_nulls(cells: list[Cell], scenarios: list, grid: dict, out: Path) -> dict[str, int]:
+    """Give each backdoor cell the sweep's no-attack cell of the same seed and the same values
+    on every axis that does not set ``attacks`` (same defense, same rounds, ...) as its
+    ``null_run``: the no-attack model whose ASR is the backdoor's floor (docs/attacks.md,
+    "Nulls"). The cell gets an ``attacks[i].null_run=<that cell's folder>`` override (after its
+    id is made: the id does not depend on where the sweep folder is) and ``cell.null``, the
+    cell it must wait for (_drive runs it only once that cell has completed).
+
+    A backdoor whose ``null_run`` is already set keeps it; one without a no-attack cell in the
+    grid keeps today's floor, the untrained model. ``cells`` and ``scenarios`` (validate_cells)
+    are in the same order. Returns how many cells got each kind of null."""
+    norm = grid if _is_normalized(grid) else normalize_grid(grid)
+    attack_axes = {k for k, labels in norm.items() if any(_touches_attacks(o) for ovs in labels.values() for o in ovs)}
+
+    def other_values(cell: Cell) -> tuple:
+        return (cell.seed, tuple((k, v) for k, v in cell.values.items() if k not in attack_axes))
+
+    nulls: dict[tuple, Cell] = {}
+    for cell, s in zip(cells, scenarios):
+        if not s.attacks:
+            nulls.setdefault(other_values(cell), cell)
+    counts = {"sweep_cell": 0, "explicit": 0, "untrained": 0}
+    for cell, s in zip(cells, scenarios):
+        entries = _backdoor_entries(s)
+        if not entries:
+            continue
+        own = [s.attacks[i].get("null_run") for i in entries if s.attacks[i].get("null_run")]
+        null = nulls.get(other_values(cell))
+        if own:
+            cell.null_text = f"its own null_run {own[0]}"
+            counts["explicit"] += 1
+        elif null is None:
+            cell.null_text = "the untrained model (no no-attack cell with the same seed and other values in the grid)"
+            counts["untrained"] += 1
+        else:
+            path = str((Path(out) / "cells" / null.id).resolve())
+            d = s.to_dict()
+            for i in entries:
+                # JSON quoting is YAML: the folder name's '=' and ',' stay part of one string
+                cell.overrides.append(f"attacks[{i}].null_run={json.dumps(path)}")
+                d["attacks"][i]["null_run"] = path
+            cell.digest = scenario_digest(d)  # what the cell's scenario.yaml will hold
+            cell.null, cell.null_text = null.id, f"no-attack cell {null.label}"
+            counts["sweep_cell"] += 1
+    return counts
 
 
 def scenario_digest(scenario_dict: dict) -> str:
@@ -1053,6 +1128,7 @@ def run_sweep(scenario, grid=None, seeds=None, out=None, overrides=None, paralle
                                 file="command line")
     out = Path(out) if out else default_out(scenario, grid, seeds, base)
     check_sweep_out(out, force)
+    null_counts = pair_nulls(cells, scenarios, grid, out)
     if parallel is not None and parallel < 1:
         raise ScenarioError(f"--parallel must be >= 1, got {parallel}", file="command line")
     parallel = parallel or default_parallel(scenarios, engines=[c.engine for c in cells])
@@ -1069,6 +1145,9 @@ def run_sweep(scenario, grid=None, seeds=None, out=None, overrides=None, paralle
         cell.status, cell.error = cell_state(out, cell)
         if cell.status != FINISHED:
             pending.append(cell)
+    # the no-attack cells backdoor cells wait for run first (a finished one is reused as it is)
+    needed = {c.null for c in pending if c.null}
+    pending = deque(sorted(pending, key=lambda c: c.id not in needed))
     skipped = len(cells) - len(pending)
     state.parallel = parallel = max(1, min(parallel, len(pending) or 1))
     state.log(f"{len(cells)} cells ({' x '.join(f'{len(v)} {k}' for k, v in grid.items()) or '1'}"
@@ -1078,6 +1157,15 @@ def run_sweep(scenario, grid=None, seeds=None, out=None, overrides=None, paralle
 
         state.log(f"strongest attack: selected on seeds {seeds_text(strongest['selection_seeds'])} (validation "
                   f"split), reported on seeds {seeds_text(strongest['report_seeds'])} (test split)")
+    if null_counts["sweep_cell"]:
+        state.log(f"{null_counts['sweep_cell']} backdoor cell(s): null_run (the ASR floor) = the no-attack cell of the "
+                  "same seed and the same other grid values; each runs after its null")
+    if null_counts["untrained"]:
+        state.log(f"{null_counts['untrained']} backdoor cell(s) have no no-attack cell with the same seed and other "
+                  "grid values: their ASR floor is the untrained model (add a no-attack value, e.g. attacks=none, "
+                  "to the grid to measure it against a no-attack run)")
+    if null_counts["explicit"]:
+        state.log(f"{null_counts['explicit']} backdoor cell(s) keep the null_run their overrides set")
     if skipped:
         state.log(f"{skipped} already completed (skipped), {len(pending)} to run")
     if dry_run:
@@ -1137,6 +1225,28 @@ def run_sweep(scenario, grid=None, seeds=None, out=None, overrides=None, paralle
     return result
 
 
+def _next_ready(state: SweepRun, pool: _Pool, pending: deque) -> Cell | None:
+    """The first pending cell that can start now (removed from ``pending``): a backdoor cell
+    only once its no-attack cell (``cell.null``) has completed. A backdoor cell whose null
+    ended without completing is recorded as failed without running (a re-run retries both)."""
+    by_id = {c.id: c for c in state.cells}
+    waiting = {c.id for c in pending} | {s.cell.id for s in pool.slots if s.cell is not None}
+    for cell in list(pending):
+        dep = by_id.get(cell.null) if cell.null else None
+        if dep is not None and dep.id in waiting:
+            continue
+        pending.remove(cell)
+        if dep is not None and dep.status != FINISHED:
+            cell.status = "failed"
+            cell.error = (f"not run: its null_run, the no-attack cell {dep.id}, ended {dep.status}; re-run the "
+                          "sweep to retry both")
+            state.write("running")
+            state.log(f"{cell.label} not run: its no-attack cell {dep.label} ended {dep.status}")
+            continue
+        return cell
+    return None
+
+
 def _drive(state: SweepRun, pool: _Pool, pending: deque) -> None:
     from multiprocessing.connection import wait
 
@@ -1154,15 +1264,22 @@ def _drive(state: SweepRun, pool: _Pool, pending: deque) -> None:
     while pending or any(s.cell is not None for s in pool.slots):
         for slot in pool.slots:
             if slot.cell is None and pending:
-                cell = pending.popleft()
+                cell = _next_ready(state, pool, pending)
+                if cell is None:
+                    break  # every pending cell waits for a running no-attack cell
                 slot.cell, slot.started = cell, time.perf_counter()
                 cell.status, cell.error = "running", None
                 slot.conn.send({"id": cell.id, "overrides": cell.overrides, "engine": cell.engine,
                                 "path": str(state.out / "cells" / cell.id)})
                 state.write("running")
-                state.log(progress_line(f"running {cell.label}"))
+                null = f" (null: {cell.null_text})" if cell.null_text else ""
+                state.log(progress_line(f"running {cell.label}{null}"))
                 last_print = time.perf_counter()
         busy = [s for s in pool.slots if s.cell is not None]
+        if not busy:
+            if pending:  # cannot happen: a cell waits only for a pending or running one
+                raise FedsecError(f"sweep: {len(pending)} cell(s) wait for cells that will not run")
+            break
         ready = wait([s.conn for s in busy] + [s.worker.sentinel for s in busy], timeout=30.0)
         for slot in busy:
             cell = slot.cell
