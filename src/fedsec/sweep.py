@@ -28,6 +28,9 @@ How it runs:
   pending cell runs in-process.
   Default ``--parallel``: as many slots as the CPUs hold cells (hospitals x engine.num_cpus
   per Ray cell, engine.num_cpus per in-process cell), at least 1.
+- A backdoor cell's ``null_run`` (its ASR floor) is the no-attack cell of the same seed and
+  other grid values when the grid has one (pair_nulls); that cell runs first and the
+  backdoor cell waits for it (_next_ready), also with several slots.
 - Resumable: re-running the same command skips cells whose summary.json says
   ``completed`` (and whose resolved scenario is unchanged). Failed, interrupted,
   SIGKILLed (summary still ``running``) and missing cells are run again **from scratch**:
