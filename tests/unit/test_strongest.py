@@ -302,6 +302,30 @@ def test_selection_seeds_on_the_command_line_and_in_sweep_files(tmp_path, capsys
     assert "strongest.allow_seed_overlap" in capsys.readouterr().err
 
 
+def test_sweep_json_records_the_selection_and_reporting_seeds(tmp_path, monkeypatch):
+    ran = []
+
+    class _NoPool:
+        def __init__(self, *a, **k):
+            self.slots, self.startup_s = [], 0.0
+
+        def start(self):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(sw, "_Pool", _NoPool)
+    monkeypatch.setattr(sw, "_drive", lambda state, pool, pending: ran.extend(c.seed for c in pending) or
+                        pending.clear())
+    sw.run_sweep(str(HEART_SWEEP), grid=["attacks=none,sign_flip"], seeds="7,8", selection_seeds="0-1",
+                 overrides=["task.options.val_fraction=0.2"], out=tmp_path / "s", stream=None)
+    meta = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert meta["seeds"] == [0, 1, 7, 8] and sorted(ran) == [0, 0, 1, 1, 7, 7, 8, 8]
+    assert meta["strongest"]["selection_seeds"] == [0, 1] and meta["strongest"]["report_seeds"] == [7, 8]
+    assert meta["strongest"]["attacks"] == "attacks"  # --selection-seeds implies --strongest
+
+
 def test_validation_numbers_never_read_the_test_split(tmp_path, monkeypatch):
     """A real one-round run with a backdoor; its validation numbers are the same when every
     test record is poisoned (labels flipped, features scaled x100)."""
