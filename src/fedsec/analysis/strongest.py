@@ -323,7 +323,7 @@ def _pct(v) -> str:
     return "-" if v is None else f"{v:+.0%}" if abs(v) >= 0.005 else "+0%"
 
 
-def describe(d: str, entry: dict, metric: str = "auroc", separate: bool | None = None) -> str:
+def describe(d: str, entry: dict, metric: str = "auroc", separate: bool = False) -> str:
     """One line per defense: who wins on validation and what it does on test; ``separate``:
     selection and reporting seeds differ (the line names both sets)."""
     w = entry.get("winner")
@@ -339,8 +339,6 @@ def describe(d: str, entry: dict, metric: str = "auroc", separate: bool | None =
     others = len([a for a, v in entry["validation"].items() if v["n"]])
     sel = entry["validation"][w].get("seeds")
     mean = t.get("mean")
-    if separate is None:  # an entry written by an older fedsec has no seeds
-        separate = False
     seeds_sel = f" (seeds {seeds_text(sel)})" if separate and sel is not None else ""
     seeds_rep = f" (seeds {seeds_text(t.get('seeds'))})" if separate and t.get("seeds") is not None else ""
     return (f"{d}: strongest of {others} candidate(s) on validation{seeds_sel} is {w} (validation effect "
