@@ -1239,7 +1239,8 @@ def _next_ready(state: SweepRun, pool: _Pool, pending: deque) -> Cell | None:
         if dep is not None and dep.id in waiting:
             continue
         pending.remove(cell)
-        if dep is not None and dep.status != FINISHED:
+        # finished with a model (as cell_state counts it): hospital failures or a spent DP budget
+        if dep is not None and dep.status not in (FINISHED, "completed_with_failures", "budget_exhausted"):
             cell.status = "failed"
             cell.error = (f"not run: its null_run, the no-attack cell {dep.id}, ended {dep.status}; re-run the "
                           "sweep to retry both")
