@@ -28,6 +28,9 @@ How it runs:
   pending cell runs in-process.
   Default ``--parallel``: as many slots as the CPUs hold cells (hospitals x engine.num_cpus
   per Ray cell, engine.num_cpus per in-process cell), at least 1.
+- A backdoor cell's ``null_run`` (its ASR floor) is the no-attack cell of the same seed and
+  other grid values when the grid has one (pair_nulls); that cell runs first and the
+  backdoor cell waits for it (_next_ready), also with several slots.
 - Resumable: re-running the same command skips cells whose summary.json says
   ``completed`` (and whose resolved scenario is unchanged). Failed, interrupted,
   SIGKILLed (summary still ``running``) and missing cells are run again **from scratch**:
@@ -150,6 +153,10 @@ class Cell:
     digest: str | None = None
     engine: str = "ray"  # where it runs: ray | inline (see cell_engine)
     extra: dict = field(default_factory=dict)
+    # a backdoor cell: what its ASR floor (null_run) is (see pair_nulls): the id of the sweep's
+    # no-attack cell it waits for, or None, and the words the sweep's output uses for it
+    null: str | None = None
+    null_text: str | None = None
 
     @property
     def label(self) -> str:
@@ -159,9 +166,13 @@ class Cell:
         return ",".join(parts) or "base"
 
     def to_json(self) -> dict:
-        return {"id": self.id, "values": self.values, "seed": self.seed, "overrides": self.overrides,
-                "status": self.status, "error": self.error, "wall_s": self.wall_s,
-                "path": f"cells/{self.id}", "digest": self.digest, "engine": self.engine}
+        out = {"id": self.id, "values": self.values, "seed": self.seed, "overrides": self.overrides,
+               "status": self.status, "error": self.error, "wall_s": self.wall_s,
+               "path": f"cells/{self.id}", "digest": self.digest, "engine": self.engine}
+        if self.null_text is not None:
+            out["null_run"] = f"cells/{self.null}" if self.null else None
+            out["null"] = self.null_text
+        return out
 
 
 def cell_id(values: dict[str, str], seed: int | None, overrides: list[str]) -> str:
@@ -300,7 +311,8 @@ SWEEP_FILE_KEYS = {
     "engine": "auto | ray | inline",
     "parallel": "cells side by side",
     "out": "sweep folder (relative to the current directory)",
-    "strongest": "true, or {attacks: AXIS, defenses: AXIS, no_attack: LABEL}: the strongest attack per defense",
+    "strongest": "true, or {attacks: AXIS, defenses: AXIS, no_attack: LABEL, selection_seeds: SEEDS, "
+                 "allow_seed_overlap: false}: the strongest attack per defense",
     "table": "{rows: AXIS, cols: AXIS, metric: auroc}",
 }
 TABLE_KEYS = ("rows", "cols", "metric")
@@ -396,15 +408,19 @@ def load_sweep_file(path) -> SweepFile:
                      None if out is None else str(out), strongest, dict(table))
 
 
-STRONGEST_KEYS = ("attacks", "defenses", "no_attack")
+STRONGEST_KEYS = ("attacks", "defenses", "no_attack", "selection_seeds", "allow_seed_overlap")
 
 
 def parse_strongest(value, grid: dict, source: str = "command line") -> dict | None:
-    """``true`` or ``{attacks: AXIS, defenses: AXIS, no_attack: LABEL}`` -> the resolved dict (or None).
+    """``true`` or ``{attacks: AXIS, defenses: AXIS, no_attack: LABEL, selection_seeds: SEEDS,
+    allow_seed_overlap: BOOL}`` -> the resolved dict (or None).
 
     attacks: the axis whose labels are the candidate attacks (default ``attacks``); null: its
     no-attack label (default ``none``); defenses: the axis of the defenses (default
-    ``strategy`` when in the grid, else the first other axis; none: one column)."""
+    ``strategy`` when in the grid, else the first other axis; none: one column);
+    selection_seeds: seeds that only select the winner (the sweep's ``seeds`` then only report
+    it; default: the same seeds do both); allow_seed_overlap: accept selection seeds that are
+    also reporting seeds (see resolve_strongest_seeds)."""
     from fedsec.registry import did_you_mean
 
     if value is None or value is False:
@@ -412,8 +428,8 @@ def parse_strongest(value, grid: dict, source: str = "command line") -> dict | N
     if value is True:
         value = {}
     if not isinstance(value, dict):
-        raise ScenarioError("expected true or {attacks: AXIS, defenses: AXIS, no_attack: LABEL}", file=source,
-                            key="strongest")
+        raise ScenarioError("expected true or {attacks: AXIS, defenses: AXIS, no_attack: LABEL, selection_seeds: "
+                            "SEEDS}", file=source, key="strongest")
     for k in value:
         if k not in STRONGEST_KEYS:
             raise ScenarioError(f"unknown key{did_you_mean(str(k), STRONGEST_KEYS)}; keys: "
@@ -437,7 +453,46 @@ def parse_strongest(value, grid: dict, source: str = "command line") -> dict | N
     elif defenses not in grid or defenses == attacks:
         raise ScenarioError(f"'{defenses}' is not a grid axis other than '{attacks}'", file=source,
                             key="strongest.defenses")
-    return {"attacks": attacks, "defenses": defenses, "no_attack": null}
+    sel = value.get("selection_seeds")
+    if sel is not None:
+        try:
+            sel = parse_seeds(sel if not isinstance(sel, int) or isinstance(sel, bool) else [sel])
+        except (ScenarioError, TypeError, ValueError):
+            raise ScenarioError(f"expected seeds like [0, 1, 2] or '0-2', got {sel!r}", file=source,
+                                key="strongest.selection_seeds") from None
+        if not sel:
+            raise ScenarioError("give at least one selection seed", file=source, key="strongest.selection_seeds")
+    overlap = value.get("allow_seed_overlap", False)
+    if not isinstance(overlap, bool):
+        raise ScenarioError(f"expected true or false, got {overlap!r}", file=source,
+                            key="strongest.allow_seed_overlap")
+    return {"attacks": attacks, "defenses": defenses, "no_attack": null, "selection_seeds": sel,
+            "allow_seed_overlap": overlap}
+
+
+def resolve_strongest_seeds(strongest: dict | None, seeds: list[int] | None) -> list[int] | None:
+    """With selection seeds: check them against the reporting seeds (the sweep's ``seeds``),
+    record both roles in the spec (``report_seeds``) and return the seeds the cells run with
+    (selection seeds first, then the reporting seeds). Without: ``seeds`` unchanged.
+
+    Overlapping sets are refused (exit 2) unless ``allow_seed_overlap``: a seed that both
+    selects and reports brings back the selection bias the separate sets remove."""
+    if not strongest or strongest.get("selection_seeds") is None:
+        if strongest is not None:
+            strongest["report_seeds"] = None
+        return seeds
+    sel = list(strongest["selection_seeds"])
+    if seeds is None:
+        raise ScenarioError("selection seeds need reporting seeds as well: give --seeds (or seeds: in the sweep "
+                            "file), disjoint from the selection seeds", key="seeds")
+    shared = [s for s in sel if s in seeds]
+    if shared and not strongest.get("allow_seed_overlap"):
+        raise ScenarioError(f"the selection seeds {sel} and the reporting seeds {list(seeds)} share seed(s) "
+                            f"{shared}: a winner reported on the seeds that chose it carries selection bias. Give "
+                            "disjoint sets, or pass --allow-seed-overlap (strongest.allow_seed_overlap: true) to "
+                            "accept it", key="strongest.selection_seeds")
+    strongest["report_seeds"] = list(seeds)
+    return sel + [s for s in seeds if s not in sel]
 
 
 def check_strongest_cells(strongest: dict, scenarios: list) -> None:
@@ -448,6 +503,73 @@ def check_strongest_cells(strongest: dict, scenarios: list) -> None:
             raise ScenarioError("the strongest attack is selected on a validation split and this scenario has none: "
                                 "set task.options.val_fraction (e.g. 0.2; the hospitals keep that share of their "
                                 "training records aside)", key="task.options.val_fraction")
+
+
+def _touches_attacks(override: str) -> bool:
+    key = override.partition("=")[0].strip()
+    return key == "attacks" or key.startswith(("attacks[", "attacks."))
+
+
+def _backdoor_entries(scenario) -> list[int]:
+    """Indices of the scenario's attacks that take a ``null_run`` (the backdoors)."""
+    from fedsec.registry import ATTACKS
+
+    out = []
+    for i, entry in enumerate(scenario.attacks or []):
+        try:
+            specs = ATTACKS.options(entry.get("attack"))
+        except FedsecError:
+            continue
+        if any(o.name == "null_run" for o in specs or []):
+            out.append(i)
+    return out
+
+
+def pair_nulls(cells: list[Cell], scenarios: list, grid: dict, out: Path) -> dict[str, int]:
+    """Give each backdoor cell the sweep's no-attack cell of the same seed and the same values
+    on every axis that does not set ``attacks`` (same defense, same rounds, ...) as its
+    ``null_run``: the no-attack model whose ASR is the backdoor's floor (docs/attacks.md,
+    "Nulls"). The cell gets an ``attacks[i].null_run=<that cell's folder>`` override (after its
+    id is made: the id does not depend on where the sweep folder is) and ``cell.null``, the
+    cell it must wait for (_drive runs it only once that cell has completed).
+
+    A backdoor whose ``null_run`` is already set keeps it; one without a no-attack cell in the
+    grid keeps today's floor, the untrained model. ``cells`` and ``scenarios`` (validate_cells)
+    are in the same order. Returns how many cells got each kind of null."""
+    norm = grid if _is_normalized(grid) else normalize_grid(grid)
+    attack_axes = {k for k, labels in norm.items() if any(_touches_attacks(o) for ovs in labels.values() for o in ovs)}
+
+    def other_values(cell: Cell) -> tuple:
+        return (cell.seed, tuple((k, v) for k, v in cell.values.items() if k not in attack_axes))
+
+    nulls: dict[tuple, Cell] = {}
+    for cell, s in zip(cells, scenarios):
+        if not s.attacks:
+            nulls.setdefault(other_values(cell), cell)
+    counts = {"sweep_cell": 0, "explicit": 0, "untrained": 0}
+    for cell, s in zip(cells, scenarios):
+        entries = _backdoor_entries(s)
+        if not entries:
+            continue
+        own = [s.attacks[i].get("null_run") for i in entries if s.attacks[i].get("null_run")]
+        null = nulls.get(other_values(cell))
+        if own:
+            cell.null_text = f"its own null_run {own[0]}"
+            counts["explicit"] += 1
+        elif null is None:
+            cell.null_text = "the untrained model (no no-attack cell with the same seed and other values in the grid)"
+            counts["untrained"] += 1
+        else:
+            path = str((Path(out) / "cells" / null.id).resolve())
+            d = s.to_dict()
+            for i in entries:
+                # JSON quoting is YAML: the folder name's '=' and ',' stay part of one string
+                cell.overrides.append(f"attacks[{i}].null_run={json.dumps(path)}")
+                d["attacks"][i]["null_run"] = path
+            cell.digest = scenario_digest(d)  # what the cell's scenario.yaml will hold
+            cell.null, cell.null_text = null.id, f"no-attack cell {null.label}"
+            counts["sweep_cell"] += 1
+    return counts
 
 
 def scenario_digest(scenario_dict: dict) -> str:
@@ -942,7 +1064,8 @@ def check_sweep_out(out: Path, force: bool = False) -> None:
 def run_sweep(scenario, grid=None, seeds=None, out=None, overrides=None, parallel: int | None = None,
               address: str | None = None, rows: str | None = None, cols: str | None = None,
               metric: str | None = None, stream=sys.stderr, dry_run: bool = False, force: bool = False,
-              engine: str | None = None, strongest=None) -> dict:
+              engine: str | None = None, strongest=None, selection_seeds=None,
+              allow_seed_overlap: bool = False) -> dict:
     """Run (or resume) a sweep; returns sweep.json's dict (plus ``"tables"``: the written files).
 
     scenario: a scenario file. grid: ``{"attacks": ["none", "alie"], ...}`` or
@@ -951,8 +1074,11 @@ def run_sweep(scenario, grid=None, seeds=None, out=None, overrides=None, paralle
     engine: auto | ray | inline, where cells run (see cell_engine).
     scenario may be a sweep file (docs/sweeps.md): its keys are the defaults, the arguments
     given here win (``grid`` axes are added to the file's; ``overrides`` follow the file's).
-    strongest: True or ``{attacks, defenses, null}``: select the strongest attack per defense
-    on the cells' validation split (fedsec.analysis.strongest).
+    strongest: True or ``{attacks, defenses, no_attack, selection_seeds, allow_seed_overlap}``:
+    select the strongest attack per defense on the cells' validation split
+    (fedsec.analysis.strongest). selection_seeds (``"0,1,2"`` or a list; implies strongest):
+    the seeds that select the winner, ``seeds`` then only report it; allow_seed_overlap: accept
+    sets that share seeds (refused otherwise, exit 2).
     Raises ScenarioError (nothing runs) for an invalid cell.
     """
     from fedsec.federation.engine import quiet
@@ -979,10 +1105,20 @@ def run_sweep(scenario, grid=None, seeds=None, out=None, overrides=None, paralle
     engine = engine or (sweep_file.engine if sweep_file else None) or "auto"
     parallel = parallel or (sweep_file.parallel if sweep_file else None)
     out = out or (sweep_file.out if sweep_file else None)
-    if strongest is None and sweep_file:
-        strongest = sweep_file.strongest
+    if sweep_file and sweep_file.strongest and (strongest is None or strongest is True):
+        strongest = dict(sweep_file.strongest)
     elif strongest is not None and strongest is not False:
         strongest = parse_strongest(strongest, grid)
+    if selection_seeds is not None or allow_seed_overlap:
+        strongest = dict(strongest or parse_strongest(True, grid))  # selection seeds imply --strongest
+        if selection_seeds is not None:
+            try:
+                strongest["selection_seeds"] = parse_seeds(selection_seeds)
+            except ScenarioError as err:
+                raise ScenarioError(str(err).replace("--seeds", "--selection-seeds"), file="command line",
+                                    key="--selection-seeds") from None
+        strongest["allow_seed_overlap"] = bool(allow_seed_overlap or strongest.get("allow_seed_overlap"))
+    seeds = resolve_strongest_seeds(strongest or None, seeds)
     cells = expand(grid, seeds, base)
     if engine not in ENGINES:
         raise ScenarioError(f"--engine must be one of {', '.join(ENGINES)}, got '{engine}'", file="command line")
@@ -995,6 +1131,7 @@ def run_sweep(scenario, grid=None, seeds=None, out=None, overrides=None, paralle
                                 file="command line")
     out = Path(out) if out else default_out(scenario, grid, seeds, base)
     check_sweep_out(out, force)
+    null_counts = pair_nulls(cells, scenarios, grid, out)
     if parallel is not None and parallel < 1:
         raise ScenarioError(f"--parallel must be >= 1, got {parallel}", file="command line")
     parallel = parallel or default_parallel(scenarios, engines=[c.engine for c in cells])
@@ -1011,10 +1148,27 @@ def run_sweep(scenario, grid=None, seeds=None, out=None, overrides=None, paralle
         cell.status, cell.error = cell_state(out, cell)
         if cell.status != FINISHED:
             pending.append(cell)
+    # the no-attack cells backdoor cells wait for run first (a finished one is reused as it is)
+    needed = {c.null for c in pending if c.null}
+    pending = deque(sorted(pending, key=lambda c: c.id not in needed))
     skipped = len(cells) - len(pending)
     state.parallel = parallel = max(1, min(parallel, len(pending) or 1))
     state.log(f"{len(cells)} cells ({' x '.join(f'{len(v)} {k}' for k, v in grid.items()) or '1'}"
               f"{f' x {len(seeds)} seed' + ('s' if len(seeds) > 1 else '') if seeds else ''}) -> {out}")
+    if strongest and strongest.get("report_seeds") is not None:
+        from fedsec.analysis.strongest import seeds_text
+
+        state.log(f"strongest attack: selected on seeds {seeds_text(strongest['selection_seeds'])} (validation "
+                  f"split), reported on seeds {seeds_text(strongest['report_seeds'])} (test split)")
+    if null_counts["sweep_cell"]:
+        state.log(f"{null_counts['sweep_cell']} backdoor cell(s): null_run (the ASR floor) = the no-attack cell of the "
+                  "same seed and the same other grid values; each runs after its null")
+    if null_counts["untrained"]:
+        state.log(f"{null_counts['untrained']} backdoor cell(s) have no no-attack cell with the same seed and other "
+                  "grid values: their ASR floor is the untrained model (add a no-attack value, e.g. attacks=none, "
+                  "to the grid to measure it against a no-attack run)")
+    if null_counts["explicit"]:
+        state.log(f"{null_counts['explicit']} backdoor cell(s) keep the null_run their overrides set")
     if skipped:
         state.log(f"{skipped} already completed (skipped), {len(pending)} to run")
     if dry_run:
@@ -1074,6 +1228,29 @@ def run_sweep(scenario, grid=None, seeds=None, out=None, overrides=None, paralle
     return result
 
 
+def _next_ready(state: SweepRun, pool: _Pool, pending: deque) -> Cell | None:
+    """The first pending cell that can start now (removed from ``pending``): a backdoor cell
+    only once its no-attack cell (``cell.null``) has completed. A backdoor cell whose null
+    ended without completing is recorded as failed without running (a re-run retries both)."""
+    by_id = {c.id: c for c in state.cells}
+    waiting = {c.id for c in pending} | {s.cell.id for s in pool.slots if s.cell is not None}
+    for cell in list(pending):
+        dep = by_id.get(cell.null) if cell.null else None
+        if dep is not None and dep.id in waiting:
+            continue
+        pending.remove(cell)
+        # finished with a model (as cell_state counts it): hospital failures or a spent DP budget
+        if dep is not None and dep.status not in (FINISHED, "completed_with_failures", "budget_exhausted"):
+            cell.status = "failed"
+            cell.error = (f"not run: its null_run, the no-attack cell {dep.id}, ended {dep.status}; re-run the "
+                          "sweep to retry both")
+            state.write("running")
+            state.log(f"{cell.label} not run: its no-attack cell {dep.label} ended {dep.status}")
+            continue
+        return cell
+    return None
+
+
 def _drive(state: SweepRun, pool: _Pool, pending: deque) -> None:
     from multiprocessing.connection import wait
 
@@ -1091,15 +1268,22 @@ def _drive(state: SweepRun, pool: _Pool, pending: deque) -> None:
     while pending or any(s.cell is not None for s in pool.slots):
         for slot in pool.slots:
             if slot.cell is None and pending:
-                cell = pending.popleft()
+                cell = _next_ready(state, pool, pending)
+                if cell is None:
+                    break  # every pending cell waits for a running no-attack cell
                 slot.cell, slot.started = cell, time.perf_counter()
                 cell.status, cell.error = "running", None
                 slot.conn.send({"id": cell.id, "overrides": cell.overrides, "engine": cell.engine,
                                 "path": str(state.out / "cells" / cell.id)})
                 state.write("running")
-                state.log(progress_line(f"running {cell.label}"))
+                null = f" (null: {cell.null_text})" if cell.null_text else ""
+                state.log(progress_line(f"running {cell.label}{null}"))
                 last_print = time.perf_counter()
         busy = [s for s in pool.slots if s.cell is not None]
+        if not busy:
+            if pending:  # cannot happen: a cell waits only for a pending or running one
+                raise FedsecError(f"sweep: {len(pending)} cell(s) wait for cells that will not run")
+            break
         ready = wait([s.conn for s in busy] + [s.worker.sentinel for s in busy], timeout=30.0)
         for slot in busy:
             cell = slot.cell
@@ -1162,6 +1346,12 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--strongest", action="store_true",
                    help="per defense, select the attack with the largest effect over the no-attack cell on the "
                         "validation split (task.options.val_fraction), and report its test metric")
+    p.add_argument("--selection-seeds", metavar="0,1,2",
+                   help="with --strongest (implied): the seeds whose validation splits select the winner; --seeds "
+                        "are then the reporting seeds, the only ones its test effect is computed from")
+    p.add_argument("--allow-seed-overlap", action="store_true",
+                   help="accept --selection-seeds that share seeds with --seeds (refused otherwise: those seeds "
+                        "would both select and report)")
     p.add_argument("--dry-run", action="store_true", help="validate and list the cells, run nothing")
     p.add_argument("--force", action="store_true", help="write into a non-empty --out folder that is not a sweep "
                                                        "(nothing already there is removed or overwritten)")
@@ -1195,7 +1385,8 @@ def _cmd_sweep(args) -> int:
     result = run_sweep(paths[0], grid=args.grid, seeds=args.seeds, out=args.out, overrides=overrides,
                        parallel=args.parallel, address=args.address, rows=args.rows, cols=args.cols,
                        metric=args.metric, dry_run=args.dry_run, force=args.force, engine=args.engine,
-                       strongest=True if args.strongest else None)
+                       strongest=True if args.strongest else None, selection_seeds=args.selection_seeds,
+                       allow_seed_overlap=args.allow_seed_overlap)
     if args.dry_run:
         return 0
     print(Path(result["tables"]["summary_md"]).read_text())

@@ -169,6 +169,163 @@ def test_select_picks_the_largest_mean_first_on_ties():
     assert st.select({"a": [], "b": []})[0] is None
 
 
+# --------------------------------------------------------------------------------------
+# Separate selection and reporting seeds: a fake sweep where the two sets disagree
+# --------------------------------------------------------------------------------------
+
+# seeds 0, 1 select, seeds 2, 3 report. On validation, the selection seeds favour "alpha"
+# (damage 0.75, 0.50 vs 0.25, 0.25) while the reporting seeds would favour "beta" (0.05, 0.10
+# vs 1.0, 1.0: over all four seeds beta would win). On test, alpha's selection seeds would
+# add a large damage (0.55 vs 0.80) that the report must not include.
+SEP_VAL = {"none": [0.90, 0.90, 0.90, 0.90], "alpha": [0.60, 0.70, 0.88, 0.86], "beta": [0.80, 0.80, 0.50, 0.50]}
+SEP_TEST = {"none": [0.80, 0.80, 0.82, 0.84], "alpha": [0.55, 0.55, 0.78, 0.76], "beta": [0.60, 0.60, 0.60, 0.60]}
+
+
+def make_fake_separate_seeds(root: Path) -> Path:
+    grid = {"attacks": ["none", "alpha", "beta"], "strategy": ["median"]}
+    cells = sw.expand(grid, [0, 1, 2, 3])
+    for c in cells:
+        a, s = c.values["attacks"], c.seed
+        path = root / "cells" / c.id
+        path.mkdir(parents=True)
+        (path / "scenario.yaml").write_text("task: {name: heart_disease}\n")
+        (path / "summary.json").write_text(json.dumps({"status": "completed", "seed": s,
+                                                       "final": {"auroc": SEP_TEST[a][s]}, "attack": {}}))
+        val = {"utility/auroc": SEP_VAL[a][s], f"asr/{path.name}": None}
+        if a == "none":
+            val.update({f"asr/{o.id}": None for o in cells if o.seed == s})
+        (path / "validation.json").write_text(json.dumps(val))
+    (root / "sweep.json").write_text(json.dumps({
+        "kind": "fedsec-sweep", "status": "completed", "scenario": str(HEART_SWEEP), "grid": grid,
+        "seeds": [0, 1, 2, 3], "cells": [{**c.to_json(), "status": "completed"} for c in cells],
+        "strongest": {"attacks": "attacks", "defenses": "strategy", "no_attack": "none",
+                      "selection_seeds": [0, 1], "report_seeds": [2, 3]}}))
+    return root
+
+
+def test_separate_seeds_select_on_selection_seeds_and_report_on_reporting_seeds(tmp_path, monkeypatch):
+    from scipy.stats import t as student
+
+    sweep_dir = make_fake_separate_seeds(tmp_path)
+    monkeypatch.setattr(st, "_task", lambda *a, **k: pytest.fail("the selection built a task"))
+    read = []
+    real = st.validation_numbers
+    monkeypatch.setattr(st, "validation_numbers",
+                        lambda cell_dir, *a, **k: read.append(Path(cell_dir).name) or real(cell_dir, *a, **k))
+    res = st.strongest(sweep_dir, "auroc")
+    # the selection read the validation numbers of seeds 0 and 1 only
+    assert read and all(",seed=0-" in n or ",seed=1-" in n for n in read)
+    e = res["by_defense"]["median"]
+    assert e["validation"]["alpha"]["effects"] == pytest.approx([0.30 / 0.40, 0.20 / 0.40])
+    assert e["validation"]["beta"]["effects"] == pytest.approx([0.10 / 0.40, 0.10 / 0.40])
+    assert e["validation"]["alpha"]["seeds"] == [0, 1]
+    assert e["winner"] == "alpha"  # over all four seeds beta would win (0.625 vs 0.35)
+    t = e["test"]
+    effects = [(0.82 - 0.78) / (0.82 - 0.5), (0.84 - 0.76) / (0.84 - 0.5)]  # 0.125, 0.2353: seeds 2, 3 only
+    assert t["seeds"] == [2, 3] and t["n"] == 2
+    assert t["effects"] == pytest.approx(effects)
+    assert t["mean"] == pytest.approx(0.18014706, abs=1e-7)
+    half = student.ppf(0.975, 1) * abs(effects[0] - effects[1]) / 2 ** 0.5 / 2 ** 0.5
+    assert (t["low"], t["high"]) == pytest.approx((0.18014706 - half, 0.18014706 + half), abs=1e-7)
+    assert t["utility"] == pytest.approx(0.77)
+    assert res["selection_seeds"] == [0, 1] and res["report_seeds"] == [2, 3]
+    md = st.strongest_markdown(res)
+    assert "selected on seeds 0, 1" in md and "come from seeds 2, 3 only" in md and "disjoint" in md
+    assert "on validation (seeds 0, 1) is alpha" in md and "on test (seeds 2, 3)" in md
+
+
+def test_strongest_row_of_the_risk_matrix_uses_the_reporting_seeds_only(tmp_path, monkeypatch):
+    from fedsec.analysis.matrix import STRONGEST_ROW, add_strongest_row, build_matrix
+    from fedsec.analysis.tables import collect_rows
+
+    sweep_dir = make_fake_separate_seeds(tmp_path)
+    monkeypatch.setattr(st, "_task", lambda *a, **k: pytest.fail("the selection built a task"))
+    res = st.strongest(sweep_dir, "auroc")
+    rows, keys = collect_rows(sweep_dir)
+    m = build_matrix(rows, keys, "attacks", "strategy", "auroc")
+    assert m.cells[("alpha", "median")].utility == pytest.approx((0.55 + 0.55 + 0.78 + 0.76) / 4)  # all seeds
+    add_strongest_row(m, res, rows, keys)
+    c = m.cells[(STRONGEST_ROW, "median")]
+    assert c.winner == "alpha" and c.n == 2
+    assert c.utility == pytest.approx((0.78 + 0.76) / 2)  # seeds 2 and 3 only
+    assert c.clean_utility == pytest.approx((0.82 + 0.84) / 2)
+    assert c.effect["n"] == 2 and c.effect["mean"] == pytest.approx(0.18014706, abs=1e-7)
+    assert "seeds 0, 1" in m.groups[-1][0] and "seeds 2, 3" in m.groups[-1][0]
+
+
+def test_selection_seeds_resolve_and_overlap_is_refused():
+    spec = {"selection_seeds": [0, 1, 2], "allow_seed_overlap": False}
+    assert sw.resolve_strongest_seeds(spec, [10, 11]) == [0, 1, 2, 10, 11]
+    assert spec["report_seeds"] == [10, 11]
+    with pytest.raises(ScenarioError) as e:
+        sw.resolve_strongest_seeds({"selection_seeds": [0, 1, 2], "allow_seed_overlap": False}, [2, 3])
+    assert e.value.key == "strongest.selection_seeds" and "[2]" in str(e.value)
+    allowed = {"selection_seeds": [0, 1, 2], "allow_seed_overlap": True}
+    assert sw.resolve_strongest_seeds(allowed, [2, 3]) == [0, 1, 2, 3] and allowed["report_seeds"] == [2, 3]
+    with pytest.raises(ScenarioError) as e:
+        sw.resolve_strongest_seeds({"selection_seeds": [0], "allow_seed_overlap": False}, None)
+    assert e.value.key == "seeds"
+    plain = {"selection_seeds": None}
+    assert sw.resolve_strongest_seeds(plain, [0, 1]) == [0, 1] and plain["report_seeds"] is None
+
+
+def test_selection_seeds_on_the_command_line_and_in_sweep_files(tmp_path, capsys):
+    from fedsec.cli import main
+
+    base = ["sweep", str(HEART_SWEEP), "task.options.val_fraction=0.2", "--grid", "attacks=none,sign_flip",
+            "--dry-run"]
+    # overlapping sets: refused, exit 2, naming the shared seed and the flag that accepts it
+    assert main(base + ["--seeds", "1-3", "--selection-seeds", "0,1", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "share seed(s) [1]" in err and "--allow-seed-overlap" in err
+    assert main(base + ["--seeds", "1-3", "--selection-seeds", "0,1", "--allow-seed-overlap",
+                        "--out", str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("missing") == 2 * 4  # seeds 0, 1, 2, 3 (1 once)
+    # disjoint: every cell runs with the selection seeds first, then the reporting seeds
+    assert main(base + ["--seeds", "10-11", "--selection-seeds", "0-1", "--out", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert [int(x) for x in __import__("re").findall(r",seed=(\d+)-", out)] == [0, 1, 10, 11] * 2
+    assert main(base + ["--selection-seeds", "0,1", "--out", str(tmp_path / "d")]) == 2  # no reporting seeds
+    assert "--seeds" in capsys.readouterr().err
+    assert main(base + ["--seeds", "2", "--selection-seeds", "0,x", "--out", str(tmp_path / "e")]) == 2
+    assert "--selection-seeds" in capsys.readouterr().err
+    body = ("overrides: {task.options.val_fraction: 0.2}\ngrid:\n  attacks: [none, sign_flip]\nseeds: [5, 6]\n"
+            "strongest: {selection_seeds: [0, 5]}\n")
+    assert main(["sweep", str(_sweep_file(tmp_path, body)), "--dry-run", "--out", str(tmp_path / "f")]) == 2
+    assert "strongest.selection_seeds" in capsys.readouterr().err
+    body = body.replace("[0, 5]}", "'0-1'}")
+    assert main(["sweep", str(_sweep_file(tmp_path, body)), "--dry-run", "--out", str(tmp_path / "g")]) == 0
+    assert capsys.readouterr().out.count("missing") == 2 * 4
+    bad = body.replace("'0-1'}", "'0-1', allow_seed_overlap: maybe}")
+    assert main(["sweep", str(_sweep_file(tmp_path, bad)), "--dry-run", "--out", str(tmp_path / "h")]) == 2
+    assert "strongest.allow_seed_overlap" in capsys.readouterr().err
+
+
+def test_sweep_json_records_the_selection_and_reporting_seeds(tmp_path, monkeypatch):
+    ran = []
+
+    class _NoPool:
+        def __init__(self, *a, **k):
+            self.slots, self.startup_s = [], 0.0
+
+        def start(self):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(sw, "_Pool", _NoPool)
+    monkeypatch.setattr(sw, "_drive", lambda state, pool, pending: ran.extend(c.seed for c in pending) or
+                        pending.clear())
+    sw.run_sweep(str(HEART_SWEEP), grid=["attacks=none,sign_flip"], seeds="7,8", selection_seeds="0-1",
+                 overrides=["task.options.val_fraction=0.2"], out=tmp_path / "s", stream=None)
+    meta = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert meta["seeds"] == [0, 1, 7, 8] and sorted(ran) == [0, 0, 1, 1, 7, 7, 8, 8]
+    assert meta["strongest"]["selection_seeds"] == [0, 1] and meta["strongest"]["report_seeds"] == [7, 8]
+    assert meta["strongest"]["attacks"] == "attacks"  # --selection-seeds implies --strongest
+
+
 def test_validation_numbers_never_read_the_test_split(tmp_path, monkeypatch):
     """A real one-round run with a backdoor; its validation numbers are the same when every
     test record is poisoned (labels flipped, features scaled x100)."""

@@ -171,6 +171,114 @@ def test_dry_run_lists_cells(tmp_path, capsys):
     assert not (tmp_path / "s").exists()  # a dry run writes nothing
 
 
+# ---- a backdoor's null_run: the same seed's no-attack cell ---------------------------------
+
+
+def test_backdoor_cells_get_the_same_seeds_no_attack_cell_as_null_run(tmp_path):
+    out = tmp_path / "s"
+    # a labelled no-attack value (the empty list), two defenses, two seeds
+    grid = {"attacks": {"clean": {"attacks": []}, "bd": {"attacks": "ehr_trigger"}, "flip": {"attacks": "sign_flip"}},
+            "strategy": ["fedavg", "median"]}
+    cells = sw.expand(sw.normalize_grid(grid), [0, 1])
+    scenarios = sw.validate_cells(HEART_SWEEP, cells, "inline")
+    ids_before = [c.id for c in cells]
+    counts = sw.pair_nulls(cells, scenarios, grid, out)
+    assert counts == {"sweep_cell": 4, "explicit": 0, "untrained": 0}
+    assert [c.id for c in cells] == ids_before  # ids do not depend on the sweep folder
+    by = {(c.values["attacks"], c.values["strategy"], c.seed): c for c in cells}
+    for d in ("fedavg", "median"):
+        for seed in (0, 1):
+            bd, null = by[("bd", d, seed)], by[("clean", d, seed)]
+            assert bd.null == null.id
+            assert bd.overrides[-1] == f'attacks[0].null_run="{(out / "cells" / null.id).resolve()}"'
+            assert bd.to_json()["null_run"] == f"cells/{null.id}"
+            assert by[("flip", d, seed)].null is None and by[("clean", d, seed)].null is None
+    # the cell's digest is the one of the scenario it will run (null_run included), so a
+    # finished backdoor cell is reused on resume
+    bd = by[("bd", "median", 1)]
+    nd = out / "cells" / bd.null
+    nd.mkdir(parents=True)
+    (nd / "summary.json").write_text("{}")
+    (nd / "checkpoint.pt").write_text("")
+    assert load_scenario(HEART_SWEEP, bd.overrides).attacks[0]["null_run"] == str(nd.resolve())
+    assert sw.scenario_digest(load_scenario(HEART_SWEEP, bd.overrides).to_dict()) == bd.digest
+    # no no-attack value in the grid: the untrained model, as before; an explicit null_run is kept
+    only = sw.expand({"attacks": ["ehr_trigger"]}, [0])
+    assert sw.pair_nulls(only, sw.validate_cells(HEART_SWEEP, only, "inline"), {"attacks": ["ehr_trigger"]},
+                         out) == {"sweep_cell": 0, "explicit": 0, "untrained": 1}
+    assert only[0].null is None and "untrained" in only[0].null_text and "null_run" not in " ".join(only[0].overrides)
+    own = {"attacks": {"none": {"attacks": "none"}, "own": {"attacks": "ehr_trigger", "attacks[0].null_run": str(nd)}}}
+    mine = sw.expand(sw.normalize_grid(own), [0])
+    assert sw.pair_nulls(mine, sw.validate_cells(HEART_SWEEP, mine, "inline"), own, out)["explicit"] == 1
+    mine = [c for c in mine if c.values["attacks"] == "own"]
+    assert mine[0].null is None and str(nd) in mine[0].null_text
+
+
+def test_a_backdoor_cell_waits_for_its_null_even_with_a_free_slot():
+    from types import SimpleNamespace
+    from collections import deque
+
+    cells = sw.expand({"attacks": ["none", "ehr_trigger", "sign_flip"]}, [0])
+    null, bd, flip = cells
+    bd.null = null.id
+    logged = []
+    state = SimpleNamespace(cells=cells, write=lambda status: None, log=logged.append)
+    slots = [SimpleNamespace(cell=None), SimpleNamespace(cell=None)]
+    pool = SimpleNamespace(slots=slots)
+    pending = deque([null, bd, flip])
+    slots[0].cell = sw._next_ready(state, pool, pending)
+    assert slots[0].cell is null
+    null.status = "running"
+    assert sw._next_ready(state, pool, pending) is flip  # the backdoor waits: its null runs in slot 0
+    assert sw._next_ready(state, pool, pending) is None and list(pending) == [bd]
+    null.status, slots[0].cell = "completed", None
+    assert sw._next_ready(state, pool, pending) is bd and not pending
+    # a null that failed: the backdoor cell is recorded as failed without running
+    null.status, bd.status, pending = "failed", "missing", deque([bd])
+    assert sw._next_ready(state, pool, pending) is None and not pending
+    assert bd.status == "failed" and null.id in bd.error and "not run" in logged[-1]
+
+
+def test_sweep_runs_the_null_first_and_the_backdoor_measures_its_floor_on_it(tmp_path):
+    """A real sweep (inline engine, 2 rounds): the no-attack cell runs first although the grid
+    lists the backdoor first, the backdoor cell names it as its null_run, and its ASR floor
+    (asr@null) is what that cell's final model gives; a re-run reuses both cells."""
+    import io
+
+    from fedsec.analysis import strongest as st
+
+    out = tmp_path / "s"
+    log = io.StringIO()
+    args = dict(grid=["attacks=ehr_trigger,none"], seeds="0", out=out, overrides=["federation.rounds=2"],
+                engine="inline", parallel=1, stream=log)
+    res = sw.run_sweep(str(HEART_SWEEP), **args)
+    assert [c["status"] for c in res["cells"]] == ["completed", "completed"]
+    bd, null = res["cells"]
+    assert bd["values"]["attacks"] == "ehr_trigger" and bd["null_run"] == f"cells/{null['id']}"
+    text = log.getvalue()
+    assert "1 backdoor cell(s): null_run (the ASR floor) = the no-attack cell of the same seed" in text
+    assert text.index("running attacks=none,seed=0") < text.index("attacks=none,seed=0 completed") < \
+        text.index("running attacks=ehr_trigger,seed=0 (null: no-attack cell attacks=none,seed=0)")
+    bd_dir, null_dir = out / bd["path"], out / null["path"]
+    summary = json.loads((bd_dir / "summary.json").read_text())
+    assert summary["attack"]["main_task_cost"]["null_run"] == str(null_dir.resolve())
+    stats = summary["attack"]["stats"]["asr"]
+    assert stats["null_kind"] == "no_attack_run"
+    # the floor: the backdoor's trigger on the no-attack cell's final model, all hospitals' test records
+    st._TASKS.clear()
+    task = st._task(st._scenario_obj(null_dir), "test")
+    floor = st._asr(bd_dir, st._model(null_dir, task), task, st._records(task, "test"))
+    assert stats["null"] == pytest.approx(floor, abs=1e-9)
+    untrained = st._asr(bd_dir, task.make_model(seed=0).eval(), task, st._records(task, "test"))
+    assert floor != pytest.approx(untrained)  # (the untrained floor would differ: the test can tell)
+    log2 = io.StringIO()
+    again = sw.run_sweep(str(HEART_SWEEP), **{**args, "stream": log2})
+    assert [c["status"] for c in again["cells"]] == ["completed", "completed"]
+    assert [c["id"] for c in again["cells"]] == [bd["id"], null["id"]]
+    assert "2 already completed (skipped), 0 to run" in log2.getvalue()
+    assert json.loads((bd_dir / "summary.json").read_text()) == summary
+
+
 def test_default_parallel_fits_cells_to_cpus():
     s4 = load_scenario(HEART_SWEEP)  # 4 hospitals x 1 CPU
     assert sw.default_parallel([s4], cpus=2) == 1

@@ -381,26 +381,38 @@ def _attack_impl(scenario: dict) -> str | None:
 STRONGEST_ROW = "strongest attack"
 
 
-def add_strongest_row(m: RiskMatrix, res: dict) -> None:
+def add_strongest_row(m: RiskMatrix, res: dict, rows: list[dict] | None = None,
+                      keys: list[str] | None = None) -> None:
     """Append the row naming, per defense column, the candidate selected on the validation
-    split, with its test numbers and the 95% interval of its effect over the no-attack null."""
+    split, with its test numbers and the 95% interval of its effect over the no-attack null.
+    When the sweep has separate selection seeds (``res["report_seeds"]``), the winner's numbers
+    (utility, attack metric, n) come from a matrix of the reporting seeds' ``rows`` only."""
     import copy
 
-    from fedsec.analysis.strongest import describe
+    from fedsec.analysis.strongest import describe, seeds_text
+
+    separate = res.get("report_seeds") is not None
+    source = m
+    if separate and rows is not None:
+        keep = set(res["report_seeds"])
+        source = build_matrix([r for r in rows if r.get("seed") in keep], keys or [], m.row_key, m.col_key, m.metric)
 
     by = res.get("by_defense") or {}
     for d in m.defenses:
         e = by.get(d) or (by.get("all") if len(by) == 1 else None)
         w = (e or {}).get("winner")
-        src = m.cells.get((w, d)) if w else None
+        src = source.cells.get((w, d)) if w else None
         if src is None:
             c = MatrixCell(STRONGEST_ROW, d)
             c.reading = "No candidate completed next to a no-attack cell: nothing selected."
         else:
             c = copy.copy(src)
             c.attack, c.winner, c.effect = STRONGEST_ROW, w, dict(e.get("test") or {})
-            c.reading = describe(defense_name(d) if m.col_key == "strategy" else d, e, m.metric) + " " + src.reading
+            c.reading = (describe(defense_name(d) if m.col_key == "strategy" else d, e, m.metric, separate) + " "
+                         + src.reading)
             c.reading = c.reading[0].upper() + c.reading[1:]
         m.cells[(STRONGEST_ROW, d)] = c
     m.attacks.append(STRONGEST_ROW)
-    m.groups.append(("strongest attack per defense (selected on validation, measured on test)", [STRONGEST_ROW]))
+    how = (f"selected on validation of seeds {seeds_text(res.get('selection_seeds'))}, measured on test of seeds "
+           f"{seeds_text(res['report_seeds'])}" if separate else "selected on validation, measured on test")
+    m.groups.append((f"strongest attack per defense ({how})", [STRONGEST_ROW]))

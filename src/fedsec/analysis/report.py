@@ -362,7 +362,8 @@ def report_sweep(sweep_dir: Path, rows: str | None = None, cols: str | None = No
 
         from fedsec.analysis.matrix import add_strongest_row
 
-        add_strongest_row(matrix, _json.loads(Path(tables["strongest_json"]).read_text()))
+        # with separate selection seeds, the row's numbers come from the reporting seeds' cells only
+        add_strongest_row(matrix, _json.loads(Path(tables["strongest_json"]).read_text()), data, keys)
     if averaged:
         matrix.notes.append(f"averaged over the grid key(s) {', '.join(averaged)} as well as the seeds; "
                             "give --rows / --cols to choose the axes")

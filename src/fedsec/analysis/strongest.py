@@ -23,10 +23,18 @@ cell. Then, per defense:
    union of the hospitals' test sets (the ASR from its summary.json, the floor from the
    no-attack model; utilities from the summaries) with a Student-t 95% interval over seeds.
 
-The same seeds select and report, so the reported effect carries some selection optimism
-(the models' randomness is shared between the validation and the test evaluation; the
-records are not). Results: ``strongest.json`` and ``strongest.md`` in the sweep folder; the
-risk matrix gets a "strongest attack" row (fedsec.analysis.matrix).
+Seeds. By default the same seeds select and report, so the reported effect carries some
+selection optimism (the models' randomness is shared between the validation and the test
+evaluation; the records are not). With separate *selection seeds* (``--selection-seeds``, or
+``strongest: {selection_seeds: ...}`` in a sweep file; the sweep's ``--seeds`` are then the
+*reporting seeds*), step 1 reads only the selection seeds' cells (validation split) and
+step 2 only the reporting seeds' cells (test split): the winner's reported effect comes from
+runs that played no part in choosing it. The spec in sweep.json then holds
+``selection_seeds`` and ``report_seeds``; the sweep refuses overlapping sets unless
+``allow_seed_overlap`` is set (fedsec.sweep.resolve_strongest_seeds).
+
+Results: ``strongest.json`` and ``strongest.md`` in the sweep folder; the risk matrix gets a
+"strongest attack" row (fedsec.analysis.matrix), computed from the reporting seeds' cells only.
 """
 
 from __future__ import annotations
@@ -209,6 +217,22 @@ def select(effects: dict[str, list[float]]) -> tuple[str | None, dict[str, float
     return next(a for a in effects if a in means and means[a] == best), means
 
 
+def seeds_text(seeds) -> str:
+    """``[0, 1, 2, 5]`` -> ``0-2, 5`` (None: ``all``)."""
+    if seeds is None:
+        return "all"
+    seeds = sorted(seeds)
+    parts, i = [], 0
+    while i < len(seeds):
+        j = i
+        while j + 1 < len(seeds) and seeds[j + 1] == seeds[j] + 1:
+            j += 1
+        parts.append(str(seeds[i]) if j == i else f"{seeds[i]}-{seeds[j]}" if j > i + 1
+                     else f"{seeds[i]}, {seeds[j]}")
+        i = j + 1
+    return ", ".join(parts)
+
+
 def _seed_cells(rows: list[dict], attacks_key: str, defenses_key: str | None):
     """{(defense, attack): {seed: row}} of completed cells."""
     out: dict = {}
@@ -236,8 +260,16 @@ def strongest(sweep_dir, metric: str = "auroc") -> dict:
     candidates = [str(a) for a in grid.get(akey, []) if str(a) != null]
     defenses = [str(d) for d in grid.get(dkey, [])] if dkey else ["all"]
     cells = _seed_cells(rows, akey, dkey)
+    # None: every seed selects and reports (the sweep's default); lists: disjoint roles
+    sel_seeds, rep_seeds = spec.get("selection_seeds"), spec.get("report_seeds")
     result = {"metric": metric, "attacks": akey, "defenses": dkey, "null": null, "candidates": candidates,
-              "selection": "validation split (task.options.val_fraction)", "by_defense": {}}
+              "selection": "validation split (task.options.val_fraction)",
+              "selection_seeds": sel_seeds, "report_seeds": rep_seeds, "by_defense": {}}
+
+    def paired(mine: dict, clean: dict, role) -> list:
+        """Seeds with both the candidate's and the no-attack cell completed, of one role."""
+        return sorted((s for s in set(mine) & set(clean) if role is None or s in role), key=str)
+
     for d in defenses:
         clean = cells.get((d, null), {})
         per_attack: dict[str, list[float]] = {}
@@ -246,22 +278,24 @@ def strongest(sweep_dir, metric: str = "auroc") -> dict:
         for a in candidates:
             mine = cells.get((d, a), {})
             vals = []
-            for seed in sorted(set(mine) & set(clean), key=str):
+            for seed in paired(mine, clean, sel_seeds):
                 a_dir, c_dir = Path(mine[seed]["_dir"]), Path(clean[seed]["_dir"])
                 e = effect(validation_numbers(c_dir, metric, trigger_of=a_dir),
                            validation_numbers(a_dir, metric), metric)
                 if e is not None:
                     vals.append(e)
             per_attack[a] = vals
-            seeds_of[a] = sorted(set(mine) & set(clean), key=str)
+            seeds_of[a] = paired(mine, clean, sel_seeds)
         winner, means = select(per_attack)
-        entry = {"winner": winner, "validation": {a: {"mean": means.get(a), "n": len(v), "effects": v}
+        entry = {"winner": winner, "validation": {a: {"mean": means.get(a), "n": len(v), "effects": v,
+                                                      "seeds": seeds_of[a]}
                                                   for a, v in per_attack.items()}}
-        # --- report: the winner on the test split ---
+        # --- report: the winner on the test split (the reporting seeds only, when given) ---
         if winner is not None:
             mine = cells[(d, winner)]
             tests, utils = [], []
-            for seed in seeds_of[winner]:
+            report = seeds_of[winner] if rep_seeds is None else paired(mine, clean, rep_seeds)
+            for seed in report:
                 row, crow = mine[seed], clean[seed]
                 utils.append(row.get(metric))
                 asr = row.get("attack.asr")
@@ -275,9 +309,9 @@ def strongest(sweep_dir, metric: str = "auroc") -> dict:
                     tests.append(e)
             low, high = t_interval(tests)
             ulow, uhigh = t_interval(utils)
-            kind = "asr" if any(mine[s].get("attack.asr") is not None for s in seeds_of[winner]) else "damage"
+            kind = "asr" if any(mine[s].get("attack.asr") is not None for s in report) else "damage"
             entry["test"] = {"kind": kind, "effects": tests, "mean": statistics.fmean(tests) if tests else None,
-                             "low": low, "high": high, "n": len(tests),
+                             "low": low, "high": high, "n": len(tests), "seeds": report,
                              "detectable": None if low is None else not (low <= 0.0 <= high),
                              "utility": statistics.fmean([u for u in utils if u is not None]) if utils else None,
                              "utility_low": ulow, "utility_high": uhigh}
@@ -289,8 +323,9 @@ def _pct(v) -> str:
     return "-" if v is None else f"{v:+.0%}" if abs(v) >= 0.005 else "+0%"
 
 
-def describe(d: str, entry: dict, metric: str = "auroc") -> str:
-    """One line per defense: who wins on validation and what it does on test."""
+def describe(d: str, entry: dict, metric: str = "auroc", separate: bool = False) -> str:
+    """One line per defense: who wins on validation and what it does on test; ``separate``:
+    selection and reporting seeds differ (the line names both sets)."""
     w = entry.get("winner")
     if w is None:
         return f"{d}: no candidate completed next to a no-attack cell: nothing selected."
@@ -302,8 +337,13 @@ def describe(d: str, entry: dict, metric: str = "auroc") -> str:
                ("; the interval excludes 0" if t["detectable"] else "; no detectable effect (the interval includes 0)"))
     val = entry["validation"][w]["mean"]
     others = len([a for a, v in entry["validation"].items() if v["n"]])
-    return (f"{d}: strongest of {others} candidate(s) on validation is {w} (validation effect {val:+.2f}); on test "
-            f"its {what} is {t.get('mean', float('nan')):+.2f}{ci} over {t.get('n', 0)} seed(s){verdict}.")
+    sel = entry["validation"][w].get("seeds")
+    mean = t.get("mean")
+    seeds_sel = f" (seeds {seeds_text(sel)})" if separate and sel is not None else ""
+    seeds_rep = f" (seeds {seeds_text(t.get('seeds'))})" if separate and t.get("seeds") is not None else ""
+    return (f"{d}: strongest of {others} candidate(s) on validation{seeds_sel} is {w} (validation effect "
+            f"{val:+.2f}); on test{seeds_rep} its {what} is {float('nan') if mean is None else mean:+.2f}{ci} over "
+            f"{t.get('n', 0)} seed(s){verdict}.")
 
 
 def strongest_markdown(res: dict) -> str:
@@ -313,8 +353,10 @@ def strongest_markdown(res: dict) -> str:
              "the validation split (the hospitals' held-out training records), never the test split; the "
              "effect is the ASR above the clean-model floor for backdoors, else the share of the "
              f"{metric} skill above chance lost, paired by seed with the no-attack cell of the same defense. "
-             "Test: the winner's effect on the union of the hospitals' test sets, mean [95% t interval].", ""]
-    head = ["defense", "winner", "validation effect", "test effect [95% CI]", f"test {metric}", "all candidates (validation)"]
+             "Test: the winner's effect on the union of the hospitals' test sets, mean [95% t interval].", "",
+             seeds_paragraph(res), ""]
+    head = ["defense", "winner", "validation effect", "test effect [95% CI]", "n", f"test {metric}",
+            "all candidates (validation)"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for d, e in res["by_defense"].items():
         t = e.get("test") or {}
@@ -325,9 +367,23 @@ def strongest_markdown(res: dict) -> str:
         w = e.get("winner") or "-"
         val = e["validation"].get(w, {}).get("mean")
         lines.append(f"| {d} | {w} | {'-' if val is None else f'{val:+.3f}'} | {ci} "
-                     f"({t.get('kind', '')}) | {util} | {cands} |")
-    lines += ["", *(f"- {describe(d, e, metric)}" for d, e in res["by_defense"].items()), ""]
+                     f"({t.get('kind', '')}) | {t.get('n', 0)} | {util} | {cands} |")
+    separate = res.get("report_seeds") is not None
+    lines += ["", *(f"- {describe(d, e, metric, separate)}" for d, e in res["by_defense"].items()), ""]
     return "\n".join(lines)
+
+
+def seeds_paragraph(res: dict) -> str:
+    """Which seeds selected and which reported (one sentence for strongest.md and the report)."""
+    sel, rep = res.get("selection_seeds"), res.get("report_seeds")
+    if rep is None:
+        return ("Seeds: the same seeds select and report, so the test effect carries some selection optimism "
+                "(give separate selection seeds with --selection-seeds to remove it).")
+    shared = sorted(set(sel or []) & set(rep))
+    return (f"Seeds: the winner is selected on seeds {seeds_text(sel)} (their validation splits only) and its test "
+            f"effect, interval and n come from seeds {seeds_text(rep)} only (their test splits). "
+            + (f"The sets share seed(s) {seeds_text(shared)} (allowed by --allow-seed-overlap): those seeds both "
+               "select and report." if shared else "The sets are disjoint: no selection bias."))
 
 
 def write_strongest(sweep_dir, metric: str = "auroc") -> dict:
