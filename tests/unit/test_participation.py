@@ -514,3 +514,17 @@ def test_buffered_refuses_privacy_mechanisms_and_resuming():
     scenario = load_scenario(str(HEART), [block])
     with pytest.raises(FedsecError, match="resuming a run under .*'buffered' is not supported"):
         FedsecStrategy(scenario, NAMES, [], ServerTask(scenario, None), run_dir=Finished(), round_offset=1)
+
+
+def test_buffered_keeps_at_most_the_concurrency_in_flight():
+    s = make_strategy(federation={"fraction_train": 0.5, "participation": {
+        "policy": "buffered", "buffer_size": 1, "default": {"seconds_per_example": 0.1, "latency_s": 2}}})
+    recs = [rec for _, _, rec in _async_rounds(s, 4, stall=None)]
+    # ceil(0.5 x 4) = 2 hospitals train at once: 2 sent the model in round 1, then 1 per round
+    assert [len(r["participation"]["dispatched"]) for r in recs] == [2, 1, 1, 1]
+    assert all(len(r["participation"]["in_flight"]) == 1 for r in recs)
+    assert all(len(r["participation"]["buffer"]) == 1 for r in recs)
+    with pytest.raises(ScenarioError, match="at most 2 hospitals train at once") as err:
+        load_scenario(str(HEART), ["federation.fraction_train=0.5",
+                                   "federation.participation={policy: buffered, buffer_size: 3}"])
+    assert err.value.key == "federation.participation.buffer_size"

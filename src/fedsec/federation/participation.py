@@ -300,6 +300,8 @@ class ParticipationModel:
         if block is None:
             return None
         opts, profiles = resolve(_plain(block), list(hospitals), scenario.federation.rounds)
+        if opts["policy"] == "buffered":
+            _check_buffered(scenario, opts, len(hospitals))
         return cls(seed=int(scenario.seed), policy=opts["policy"], deadline_s=opts["deadline_s"],
                    timeout_s=float(scenario.federation.timeout_s), profiles=profiles,
                    local=scenario.federation.local, target_metric=opts["target_metric"],
