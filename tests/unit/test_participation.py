@@ -499,21 +499,46 @@ def test_a_buffered_run_names_stale_updates_in_rounds_jsonl(tmp_path):
     assert summary["availability"]["hospitals"]["va"]["aggregated"] == 0
 
 
-def test_buffered_refuses_privacy_mechanisms_and_resuming():
+def test_buffered_refuses_privacy_mechanisms():
     block = "federation.participation={policy: buffered, buffer_size: 2}"
     with pytest.raises(ScenarioError, match="not supported with privacy.secure_aggregation") as err:
         load_scenario(str(HEART), [block, "privacy.secure_aggregation=true"])
     assert err.value.key == "federation.participation.policy"
     assert main(["validate", str(HEART), block, "privacy.secure_aggregation=true"]) == 2
-    from fedsec.federation.server_app import FedsecStrategy, ServerTask
 
-    class Finished:
-        def read_rounds(self):
-            return [{"round": 1, "simulated_time_s": 12.0}]
 
-    scenario = load_scenario(str(HEART), [block])
-    with pytest.raises(FedsecError, match="resuming a run under .*'buffered' is not supported"):
-        FedsecStrategy(scenario, NAMES, [], ServerTask(scenario, None), run_dir=Finished(), round_offset=1)
+def test_a_resumed_buffered_server_holds_the_same_replies_in_flight():
+    """The checkpoint holds the replies in flight and the models they trained on: a server
+    restored from round 3's state goes on exactly as the uninterrupted one."""
+    first = _buffered(max_staleness=3)
+    rounds = _async_rounds(first, 3)
+    assert first._in_flight and first._held  # va (and one other) are still training
+    import io
+
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    resumed = _buffered(max_staleness=3)
+    resumed.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=False))
+    resumed.simulated_time_s = first.simulated_time_s  # a resumed run reads it from rounds.jsonl
+    g = global_arrays(rounds[-1][1])
+    records = []
+    for r in (4, 5, 6):
+        outs = []
+        for s in (first, resumed):
+            msgs = list(s.configure_train(r, g, ConfigRecord({}), None))
+            replies = [_reply(m, flat(m.content["arrays"]) + BENIGN[m.metadata.dst_node_id - 100],
+                              EXAMPLES[m.metadata.dst_node_id - 100],
+                              **({part.ARRIVAL_KEY: 31.0} if m.metadata.dst_node_id == 103 else {})) for m in msgs]
+            new, _ = s.aggregate_train(r, replies)
+            outs.append((flat(new), json.loads(json.dumps(s._train_info))))
+        np.testing.assert_array_equal(outs[0][0], outs[1][0])
+        assert outs[0][1] == outs[1][1]
+        records.append(outs[1][1])
+        g = global_arrays(outs[0][0])
+    # round 5 takes cleveland's reply, trained on version 2 before the checkpoint (round 3)
+    assert records[1]["participation"]["buffer"] == {"cleveland": 2, "switzerland": 0}
+    with pytest.raises(FedsecError, match="checkpoint: written under .*'buffered', this scenario does not use it"):
+        make_strategy().load_state_dict(first.state_dict())
 
 
 def test_buffered_keeps_at_most_the_concurrency_in_flight():

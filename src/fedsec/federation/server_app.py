@@ -29,7 +29,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
@@ -168,6 +168,7 @@ class FedsecStrategy(FedAvg):
                      "state": self.rule.state_dict() if self.rule is not None else {}},
             "attacks": [{"index": p.index, "name": p.name, "state": p.attack.state_dict()} for p in self.plans],
             "central_dp": self.central_dp.state_dict() if self.central_dp is not None else None,
+            "buffered": self._buffered_state() if self.buffered else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -192,6 +193,13 @@ class FedsecStrategy(FedAvg):
                               + " privacy.central_dp, this scenario " + ("has it" if dp is None else "has none"))
         if dp is not None:
             self.central_dp.load_state_dict(dp)
+        buffered = state.get("buffered")
+        if (buffered is None) != (not self.buffered):
+            raise FedsecError("checkpoint: written " + ("under" if buffered is not None else "without")
+                              + " federation.participation.policy 'buffered', this scenario "
+                              + ("does not use it" if buffered is not None else "uses it"))
+        if buffered is not None:
+            self._load_buffered_state(buffered)
 
     @contextlib.contextmanager
     def _server_rng(self, r: int):
@@ -340,10 +348,37 @@ class FedsecStrategy(FedAvg):
         self._version = 0  # server updates applied
         self._dispatched: list[int] = []
         self._buffer: dict[int, tuple[int, ArrayRecord]] = {}  # this round's buffer: id -> (staleness, base)
-        if self.buffered and round_offset:
-            # the replies in flight are not in the checkpoint: resuming would change the run
-            raise FedsecError("resuming a run under federation.participation.policy 'buffered' is not supported "
-                              "(the replies in flight are not checkpointed): start it again")
+
+    def _buffered_state(self) -> dict:
+        """Policy 'buffered': what the server holds between rounds (for the checkpoint): the
+        version, the replies in flight (timing, and the usable ones' arrays and metrics) and
+        the global models they were trained on."""
+        import dataclasses
+
+        def arrays(record) -> dict:
+            return {k: a.numpy() for k, a in record.items()}
+
+        return {"version": self._version,
+                "in_flight": {h: dataclasses.asdict(f) for h, f in self._in_flight.items()},
+                "held": {h: {"arrays": arrays(m.content["arrays"]), "metrics": dict(m.content["metrics"])}
+                         for h, m in self._held.items()},
+                "bases": {v: arrays(rec) for v, rec in self._bases.items()}}
+
+    def _load_buffered_state(self, state: dict) -> None:
+        from types import SimpleNamespace
+
+        from fedsec.federation.participation import InFlight
+
+        def record(values: dict) -> ArrayRecord:
+            return ArrayRecord({k: Array(v) for k, v in values.items()})
+
+        self._version = int(state["version"])
+        self._in_flight = {int(h): InFlight(**f) for h, f in state["in_flight"].items()}
+        # a held reply needs only its content from here on (its arrays and metrics)
+        self._held = {int(h): SimpleNamespace(content=RecordDict({"arrays": record(m["arrays"]),
+                                                                  "metrics": MetricRecord(m["metrics"])}))
+                      for h, m in state["held"].items()}
+        self._bases = {int(v): record(a) for v, a in state["bases"].items()}
 
     def available_for_training(self, server_round: int, hospitals: list[int]) -> list[int]:
         """The hospitals (of ``hospitals``) available in this round: not in a maintenance window
