@@ -1,6 +1,6 @@
 """The availability results table (docs/results.md, "Availability") from the sweep
 `sweeps/availability_heart.yaml`: stall and strategic dropout by one hospital against the
-server's `wait` and `proceed` (+ deadline) policies, with the no-attack null.
+server's `wait`, `proceed` (+ deadline) and `buffered` policies, with the no-attack null.
 
     fedsec sweep sweeps/availability_heart.yaml               # the runs (resumable)
     .venv/bin/python scripts/availability_table.py runs/availability-heart
@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from fedsec.analysis.tables import t_interval  # noqa: E402
 
 ATTACKS = ["none", "stall", "strategic_dropout"]
-POLICIES = ["wait", "proceed"]
+POLICIES = ["wait", "proceed", "buffered"]
 
 
 def read_sweep(folder: Path) -> tuple[list[dict], list[int]]:

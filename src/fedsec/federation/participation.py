@@ -9,7 +9,12 @@ policy:
   its real give-up time); the round lasts as long as the slowest reply;
 - ``proceed``: the server closes the round at ``deadline_s``; replies that arrive later are
   left out and named in the round's ``failures``, and the run goes on while at least
-  ``federation.min_hospitals`` usable replies remain.
+  ``federation.min_hospitals`` usable replies remain;
+- ``buffered``: buffered asynchronous aggregation (FedBuff, Nguyen et al. 2022): hospitals
+  train at their own pace and the server applies an update once ``buffer_size`` replies have
+  arrived (a round = one server update); a reply computed on a global model more than
+  ``max_staleness`` versions old is discarded, the others may be down-weighted by their
+  staleness (``staleness_weight``). See :func:`fill_buffer` and docs/scenarios.md.
 
 Everything here is a pure function of (scenario seed, round, hospital) and of the replies'
 sizes and sample counts: no clock is read and nothing sleeps, so runs stay fast, a resumed
@@ -67,8 +72,9 @@ class ParticipationOptions:
     """The ``federation.participation`` block."""
 
     policy: str = option("wait", "wait: wait for every selected hospital (up to federation.timeout_s); "
-                                 "proceed: close the round at deadline_s and leave later replies out",
-                         choices=("wait", "proceed"))
+                                 "proceed: close the round at deadline_s and leave later replies out; "
+                                 "buffered: FedBuff, apply an update once buffer_size replies have arrived",
+                         choices=("wait", "proceed", "buffered"))
     deadline_s: Optional[float] = option(None, "the round's deadline in simulated seconds (needed by "
                                                "'proceed'; under 'wait' only attacks read it)", gt=0.0)
     default: dict = option({}, "HospitalProfile keys that apply to every hospital")
@@ -77,6 +83,19 @@ class ParticipationOptions:
                                 choices=("auroc", "accuracy", "balanced_accuracy", "sensitivity", "specificity"))
     target_value: Optional[float] = option(None, "the target: the first round whose global metric is at "
                                                  "least this (null: not reported)")
+    buffer_size: Optional[int] = option(None, "buffered (needed): the server applies an update once this many "
+                                              "replies have arrived (FedBuff's K); at most the hospitals in "
+                                              "flight (ceil(fraction_train x hospitals))", min=1)
+    max_staleness: Optional[int] = option(None, "buffered: a reply computed on a global model more than this "
+                                                "many server updates old is discarded (null: no bound)", min=0)
+    staleness_weight: str = option("constant", "buffered: constant: every kept reply counts fully; polynomial: "
+                                               "a reply of staleness s is scaled by (1 + s)^-staleness_exponent",
+                                   choices=("constant", "polynomial"))
+    staleness_exponent: float = option(0.5, "buffered: the exponent a of the polynomial staleness weight",
+                                       min=0.0, max=100.0)
+
+
+BUFFERED_KEYS = ("buffer_size", "max_staleness", "staleness_weight", "staleness_exponent")
 
 
 def _profile(given, key: str) -> dict:
@@ -127,6 +146,15 @@ def resolve(block, hospitals: list[str] | None, rounds: int | None = None,
     if opts["policy"] == "proceed" and opts["deadline_s"] is None:
         raise ScenarioError("policy 'proceed' closes the round at the deadline: set deadline_s",
                             key=f"{key}.deadline_s")
+    if opts["policy"] == "buffered":
+        if opts["buffer_size"] is None:
+            raise ScenarioError("policy 'buffered' applies an update once buffer_size replies have arrived: "
+                                "set buffer_size", key=f"{key}.buffer_size")
+    else:
+        for k in BUFFERED_KEYS:
+            if k in (block or {}):
+                raise ScenarioError(f"{k} is read only by policy 'buffered' (this scenario's policy is "
+                                    f"'{opts['policy']}')", key=f"{key}.{k}")
     if hospitals is None:
         return opts, {"default": default, **own}
     return opts, [{**default, **own.get(h, {})} for h in range(len(hospitals))]
@@ -187,6 +215,68 @@ def megabytes(nbytes: int) -> float:
     return nbytes / 1e6
 
 
+# --------------------------------------------------------------------------------------
+# policy 'buffered': FedBuff in simulated time
+# --------------------------------------------------------------------------------------
+# Flower's strategies are synchronous (one train message per hospital per server round) and
+# Flower has no buffered-asynchronous strategy, so the asynchrony is simulated here: a
+# hospital is sent the current global model when it is idle, trains at once (really, on that
+# model), and its reply is held by the server until its simulated arrival time. Each server
+# round takes the held replies in simulated-arrival order until buffer_size usable ones are
+# in (FedBuff's buffer), applies the aggregation rule to their updates (each one's local
+# model minus the model it was trained from) and advances the simulated clock to the last
+# reply taken. Hospitals whose reply was taken (or discarded) are idle again and get the
+# new model in the next round; the others are still training and their replies grow stale.
+
+
+@dataclass
+class InFlight:
+    """A hospital's reply the server holds until its simulated arrival."""
+
+    base_version: int  # the server version (updates applied) of the model it trained on
+    dispatched_s: float  # simulated second the hospital received that model
+    arrival_s: float  # simulated second its reply arrives (dropped: when the server gives up on it)
+    dropped: bool = False  # it sent nothing (``sim-dropped``)
+
+
+def fill_buffer(in_flight: dict[int, InFlight], version: int, buffer_size: int, max_staleness: int | None,
+                now: float) -> tuple[list[int], list[int], list[int], float]:
+    """One server update of the buffered policy: take the held replies in simulated-arrival
+    order (ties by hospital id) until ``buffer_size`` usable ones are in.
+
+    version: the server's version now (updates applied so far); a reply's staleness is
+    ``version - base_version``. -> (taken, stale, dropped, flush_s): taken: the buffer's
+    hospitals, in arrival order; stale: replies reached before the buffer filled whose
+    staleness exceeds ``max_staleness`` (discarded); dropped: hospitals that sent nothing,
+    reached before the buffer filled (the server gave up on them); flush_s: the simulated
+    second of the last reply reached (never before ``now``). Fewer than ``buffer_size`` are
+    taken only when every held reply has been reached."""
+    taken: list[int] = []
+    stale: list[int] = []
+    dropped: list[int] = []
+    t = float(now)
+    for h in sorted(in_flight, key=lambda h: (in_flight[h].arrival_s, h)):
+        if len(taken) >= buffer_size:
+            break
+        f = in_flight[h]
+        t = max(t, f.arrival_s)
+        if f.dropped:
+            dropped.append(h)
+        elif max_staleness is not None and version - f.base_version > max_staleness:
+            stale.append(h)
+        else:
+            taken.append(h)
+    return taken, stale, dropped, t
+
+
+def staleness_factor(staleness: int, weight: str, exponent: float) -> float:
+    """How much a reply of ``staleness`` counts: 1 (constant) or (1 + s)^-a (polynomial, as in
+    FedAsync and FedBuff). The server scales the reply's update by it before the rule."""
+    if weight == "polynomial":
+        return float((1.0 + staleness) ** -float(exponent))
+    return 1.0
+
+
 @dataclass
 class ParticipationModel:
     """The scenario's participation block resolved for its hospitals (ids in order)."""
@@ -199,6 +289,10 @@ class ParticipationModel:
     local: object
     target_metric: str = "auroc"
     target_value: float | None = None
+    buffer_size: int | None = None
+    max_staleness: int | None = None
+    staleness_weight: str = "constant"
+    staleness_exponent: float = 0.5
 
     @classmethod
     def from_scenario(cls, scenario, hospitals: list[str]) -> "ParticipationModel | None":
@@ -206,10 +300,18 @@ class ParticipationModel:
         if block is None:
             return None
         opts, profiles = resolve(_plain(block), list(hospitals), scenario.federation.rounds)
+        if opts["policy"] == "buffered":
+            _check_buffered(scenario, opts, len(hospitals))
         return cls(seed=int(scenario.seed), policy=opts["policy"], deadline_s=opts["deadline_s"],
                    timeout_s=float(scenario.federation.timeout_s), profiles=profiles,
                    local=scenario.federation.local, target_metric=opts["target_metric"],
-                   target_value=opts["target_value"])
+                   target_value=opts["target_value"], buffer_size=opts["buffer_size"],
+                   max_staleness=opts["max_staleness"], staleness_weight=opts["staleness_weight"],
+                   staleness_exponent=float(opts["staleness_exponent"]))
+
+    @property
+    def buffered(self) -> bool:
+        return self.policy == "buffered"
 
     @property
     def cutoff_s(self) -> float:
@@ -265,10 +367,34 @@ def check_scenario(scenario, num_hospitals: int | None, site_names: list[str] | 
             if isinstance(ident, int) and ident >= num_hospitals:
                 raise ScenarioError(f"hospital id {ident} out of range: there are {num_hospitals} hospitals "
                                     f"(0..{num_hospitals - 1})", key=f"federation.participation.hospitals.{ident}")
+    if opts["policy"] == "buffered":
+        _check_buffered(scenario, opts, num_hospitals)
     if opts["deadline_s"] is not None and opts["deadline_s"] > scenario.federation.timeout_s:
         raise ScenarioError(f"{opts['deadline_s']:g} s is later than federation.timeout_s "
                             f"({scenario.federation.timeout_s:g} s), when the server gives up anyway",
                             key="federation.participation.deadline_s")
+
+
+def concurrency(fraction_train: float, num_hospitals: int) -> int:
+    """How many hospitals train at once under 'buffered' (FedBuff's concurrency)."""
+    return min(num_hospitals, max(1, math.ceil(float(fraction_train) * num_hospitals)))
+
+
+def _check_buffered(scenario, opts: dict, num_hospitals: int | None) -> None:
+    key = "federation.participation"
+    if num_hospitals is not None:
+        c = concurrency(scenario.federation.fraction_train, num_hospitals)
+        if opts["buffer_size"] > c:
+            raise ScenarioError(f"buffer_size {opts['buffer_size']} can never fill: at most {c} hospitals train at "
+                                f"once ({num_hospitals} hospitals x federation.fraction_train "
+                                f"{scenario.federation.fraction_train:g})", key=f"{key}.buffer_size")
+    privacy = scenario.privacy
+    for name in ("secure_aggregation", "dp_sgd", "central_dp", "compression"):
+        if getattr(privacy, name, None):
+            # each needs every update to be relative to the current global model (or only
+            # sees the aggregate): a stale update is relative to an older one
+            raise ScenarioError(f"policy 'buffered' is not supported with privacy.{name} (its updates are "
+                                "relative to older global models)", key=f"{key}.policy")
 
 
 def check_hospital_names(scenario, hospitals: list[str]) -> None:
@@ -285,21 +411,23 @@ def check_hospital_names(scenario, hospitals: list[str]) -> None:
 
 def availability_summary(scenario, rounds: list[dict]) -> dict:
     """Rounds lost, simulated and wall time (to the target metric), and per hospital how often
-    it was selected, aggregated, late, dropped out, unavailable or failed.
+    it was selected, aggregated, late, dropped out, discarded as stale (policy 'buffered'),
+    unavailable or failed.
 
     rounds_degraded: rounds whose aggregate had fewer hospitals than were selected (late,
     dropped out, crashed, malformed or oversized replies). rounds_failed: planned rounds that
     did not finish. rounds_lost = rounds_degraded + rounds_failed. rounds_short also counts
     rounds in which a hospital was unavailable (not selected). rounds_empty: rounds with no
-    aggregate at all (the global model stayed)."""
+    aggregate at all (the global model stayed). Under 'buffered' a round's "selected" are the
+    hospitals whose replies the server reached while filling the buffer."""
     block = _plain(scenario.federation.participation) or {}
     metric = block.get("target_metric", "auroc")
     target = block.get("target_value")
     per: dict[str, dict] = {}
 
     def count(name: str, what: str) -> None:
-        per.setdefault(name, {"selected": 0, "aggregated": 0, "late": 0, "dropped_out": 0, "unavailable": 0,
-                              "failed": 0})[what] += 1
+        per.setdefault(name, {"selected": 0, "aggregated": 0, "late": 0, "dropped_out": 0, "stale": 0,
+                              "unavailable": 0, "failed": 0})[what] += 1
 
     degraded = short = empty = 0
     wall = 0.0
@@ -317,9 +445,11 @@ def availability_summary(scenario, rounds: list[dict]) -> dict:
             count(h, "late")
         for h in part.get("dropped_out", []):
             count(h, "dropped_out")
+        for h in part.get("stale", []):
+            count(h, "stale")
         for h in unavailable:
             count(h, "unavailable")
-        timing = set(part.get("late", [])) | set(part.get("dropped_out", []))
+        timing = set(part.get("late", [])) | set(part.get("dropped_out", [])) | set(part.get("stale", []))
         for text in r.get("failures", []) or []:
             h = str(text).partition(": ")[0]
             if h not in timing:

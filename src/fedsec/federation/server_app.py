@@ -29,7 +29,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
@@ -169,6 +169,7 @@ class FedsecStrategy(FedAvg):
                      "state": self.rule.state_dict() if self.rule is not None else {}},
             "attacks": [{"index": p.index, "name": p.name, "state": p.attack.state_dict()} for p in self.plans],
             "central_dp": self.central_dp.state_dict() if self.central_dp is not None else None,
+            "buffered": self._buffered_state() if self.buffered else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -193,6 +194,13 @@ class FedsecStrategy(FedAvg):
                               + " privacy.central_dp, this scenario " + ("has it" if dp is None else "has none"))
         if dp is not None:
             self.central_dp.load_state_dict(dp)
+        buffered = state.get("buffered")
+        if (buffered is None) != (not self.buffered):
+            raise FedsecError("checkpoint: written " + ("under" if buffered is not None else "without")
+                              + " federation.participation.policy 'buffered', this scenario "
+                              + ("does not use it" if buffered is not None else "uses it"))
+        if buffered is not None:
+            self._load_buffered_state(buffered)
 
     @contextlib.contextmanager
     def _server_rng(self, r: int):
@@ -232,10 +240,14 @@ class FedsecStrategy(FedAvg):
     def _select(self, server_round: int, fraction: float, salt: int) -> list[int]:
         n = self.num_hospitals
         available = sorted(self.node_of)
+        if salt == 1 and self.buffered:  # hospitals still training (policy 'buffered') are not asked again
+            available = [h for h in available if h not in self._in_flight]
         if salt == 1:  # training: hospitals unavailable this round (participation model) are not asked
             available = self.available_for_training(server_round, available)
         if salt == 1 and self.budget is not None:  # who may still train within its DP budget
             available = self.budget.eligible(available, server_round)
+        if salt == 1 and self.buffered:  # FedBuff: the idle hospitals, up to the concurrency
+            return self._select_idle(server_round, available, fraction)
         k = min(len(available), max(1, math.ceil(fraction * n)))
         if k >= len(available):
             return available
@@ -271,6 +283,9 @@ class FedsecStrategy(FedAvg):
         if self.central_dp is not None and not self.central_dp.server_side:
             config[KEY_CLIPPING_NORM] = float(self.central_dp.clipping_norm)  # clipping_mod clips to it
         self._selected = self._select(r, self.fraction_train, 1)
+        if self.buffered:  # the model these hospitals train on is kept until their replies are used
+            self._dispatched = list(self._selected)
+            self._bases[self._version] = arrays
         config["train-hospitals"] = list(self._selected)  # the round's participants (model replacement's n)
         if self._dp_ledger is not None:  # rounds each hospital was charged for: survives a lost node state
             from fedsec.privacy.dp_sgd import CHARGED_KEY
@@ -296,6 +311,8 @@ class FedsecStrategy(FedAvg):
             update = self.aggregate(rnd)
             update = self.add_noise(rnd, update)
             arrays = self.apply(rnd, update)
+            if self.buffered:
+                self._version += 1
         weights = [int(c["metrics"]["num-examples"]) for c in rnd.contents]
         loss = sum(w * float(c["metrics"]["train_loss"]) for w, c in zip(weights, rnd.contents)) / max(sum(weights), 1)
         return arrays, MetricRecord({"train_loss": loss})
@@ -324,6 +341,45 @@ class FedsecStrategy(FedAvg):
             earlier = run_dir.read_rounds()
             if earlier:
                 self.simulated_time_s = float(earlier[-1].get("simulated_time_s", 0.0))
+        # policy 'buffered' (FedBuff in simulated time; fedsec.federation.participation.fill_buffer)
+        self.buffered = self.participation is not None and self.participation.buffered
+        self._in_flight: dict = {}  # hospital id -> InFlight: replies held until their simulated arrival
+        self._held: dict[int, Message] = {}  # hospital id -> its held reply (usable so far)
+        self._bases: dict[int, ArrayRecord] = {}  # server version -> the global model of that version
+        self._version = 0  # server updates applied
+        self._dispatched: list[int] = []
+        self._buffer: dict[int, tuple[int, ArrayRecord]] = {}  # this round's buffer: id -> (staleness, base)
+
+    def _buffered_state(self) -> dict:
+        """Policy 'buffered': what the server holds between rounds (for the checkpoint): the
+        version, the replies in flight (timing, and the usable ones' arrays and metrics) and
+        the global models they were trained on."""
+        import dataclasses
+
+        def arrays(record) -> dict:
+            return {k: a.numpy() for k, a in record.items()}
+
+        return {"version": self._version,
+                "in_flight": {h: dataclasses.asdict(f) for h, f in self._in_flight.items()},
+                "held": {h: {"arrays": arrays(m.content["arrays"]), "metrics": dict(m.content["metrics"])}
+                         for h, m in self._held.items()},
+                "bases": {v: arrays(rec) for v, rec in self._bases.items()}}
+
+    def _load_buffered_state(self, state: dict) -> None:
+        from types import SimpleNamespace
+
+        from fedsec.federation.participation import InFlight
+
+        def record(values: dict) -> ArrayRecord:
+            return ArrayRecord({k: Array(v) for k, v in values.items()})
+
+        self._version = int(state["version"])
+        self._in_flight = {int(h): InFlight(**f) for h, f in state["in_flight"].items()}
+        # a held reply needs only its content from here on (its arrays and metrics)
+        self._held = {int(h): SimpleNamespace(content=RecordDict({"arrays": record(m["arrays"]),
+                                                                  "metrics": MetricRecord(m["metrics"])}))
+                      for h, m in state["held"].items()}
+        self._bases = {int(v): record(a) for v, a in state["bases"].items()}
 
     def available_for_training(self, server_round: int, hospitals: list[int]) -> list[int]:
         """The hospitals (of ``hospitals``) available in this round: not in a maintenance window
@@ -334,6 +390,24 @@ class FedsecStrategy(FedAvg):
                              if (why := self.participation.unavailable(server_round, h)) is not None}
         self._available = [h for h in hospitals if h not in self._unavailable]
         return self._available
+
+    def _select_idle(self, server_round: int, available: list[int], fraction: float) -> list[int]:
+        """Policy 'buffered': the idle hospitals (``available``) to send the current model to,
+        keeping at most ceil(fraction_train x hospitals) in flight (FedBuff's concurrency); a
+        seeded draw when there are more. Attackers join every active round they are idle."""
+        from fedsec.federation.participation import concurrency
+
+        k = concurrency(fraction, self.num_hospitals) - len(self._in_flight)
+        if k >= len(available):
+            return available
+        chosen: set[int] = set()
+        if k > 0:
+            rng = np.random.default_rng([self.scenario.seed, server_round, 1])
+            chosen = set(int(h) for h in rng.choice(available, size=k, replace=False))
+        for p in self.plans:
+            if p.active(server_round) and not p.only_when_selected:
+                chosen.update(h for h in p.hospitals if h in available)
+        return sorted(chosen)
 
     def screen_replies(self, r: int, replies: list[Message], problems: list[str]) -> list[Message]:
         """Step 1b. Before any reply is unpacked: leave out replies larger than
@@ -372,6 +446,8 @@ class FedsecStrategy(FedAvg):
         self._participation_record = {}
         if self.participation is None:
             return kept
+        if self.buffered:
+            return self._fill_buffer(r, replies, kept, arrivals, received, problems)
         cutoff = self.participation.cutoff_s
         late, duration = round_duration(arrivals, cutoff)
         what = ("deadline_s" if self.participation.policy == "proceed" else "federation.timeout_s")
@@ -403,6 +479,83 @@ class FedsecStrategy(FedAvg):
             "simulated_time_s": self.simulated_time_s,
         }
         return kept
+
+    def _fill_buffer(self, r: int, replies: list[Message], kept: list[Message], arrivals: dict[int, float],
+                     received: float, problems: list[str]) -> list[Message]:
+        """Step 1b under policy 'buffered' (FedBuff in simulated time): this round's usable
+        replies are held until their simulated arrival (sent at the current simulated second,
+        trained on the current version); then the held replies are taken in arrival order
+        until ``buffer_size`` usable ones are in (``participation.fill_buffer``): too stale
+        ones are discarded and named, dropouts too. -> the buffer's replies. Sets
+        ``self._buffer`` (each one's staleness and the model it trained on), the round's
+        ``selected`` (the hospitals reached), its ``participation`` record and the clock."""
+        from fedsec.federation.participation import InFlight, fill_buffer, staleness_factor
+
+        model = self.participation
+        now = self.simulated_time_s
+        usable = {int(m.content["metrics"]["hospital"]): m for m in kept}
+        for h, t in arrivals.items():
+            if t == float("inf"):  # sent nothing: the server gives up on it at its give-up time
+                self._in_flight[h] = InFlight(self._version, now, now + model.timeout_s, dropped=True)
+            elif h in usable:
+                self._in_flight[h] = InFlight(self._version, now, now + t)
+                self._held[h] = usable[h]
+        # hospitals sent the model this round that are not in flight failed at once (an error,
+        # a malformed or oversized reply: already named in problems)
+        failed_now = [h for h in self._dispatched if h not in self._in_flight]
+        taken, stale, dropped, flush = fill_buffer(self._in_flight, self._version, model.buffer_size,
+                                                   model.max_staleness, now)
+        self._buffer = {}
+        out = []
+        for h in taken:
+            f = self._in_flight[h]
+            self._buffer[h] = (self._version - f.base_version, self._bases[f.base_version])
+            out.append(self._held.pop(h))
+        for h in stale:
+            f = self._in_flight[h]
+            problems.append(f"{self._name(h)}: its update was computed on global model version {f.base_version}, "
+                            f"{self._version - f.base_version} updates old (over max_staleness "
+                            f"{model.max_staleness}); discarded")
+        for h in dropped:
+            problems.append(f"{self._name(h)}: no reply (dropped out); the server gave up on it at "
+                            f"{self._in_flight[h].arrival_s:.4g} s simulated (federation.timeout_s = "
+                            f"{model.timeout_s:g} s after it was sent the model)")
+        reached = {h: self._in_flight.pop(h) for h in taken + stale + dropped}
+        for h in stale + dropped:
+            self._held.pop(h, None)
+        # a reply already too stale for the next update is discarded on arrival anyway: free
+        # it now, and with it the global models no held reply was trained on (at most
+        # max_staleness + 1 versions are kept)
+        for h, f in self._in_flight.items():
+            if model.max_staleness is not None and self._version + 1 - f.base_version > model.max_staleness:
+                self._held.pop(h, None)
+        needed = {f.base_version for h, f in self._in_flight.items() if h in self._held} | {self._version}
+        self._bases = {v: a for v, a in self._bases.items() if v in needed}
+        self._selected = sorted(set(reached) | set(failed_now))
+        duration = flush - now
+        self.simulated_time_s = flush
+        self._participation_record = {
+            "participation": {
+                "policy": "buffered",
+                "available": [self._name(h) for h in (self._available or [])],
+                "unavailable": {self._name(h): why for h, why in sorted(self._unavailable.items())},
+                "dispatched": [self._name(h) for h in self._dispatched],
+                "buffer_size": model.buffer_size,
+                "buffer": {self._name(h): self._buffer[h][0] for h in taken},
+                "weights": {self._name(h): staleness_factor(self._buffer[h][0], model.staleness_weight,
+                                                            model.staleness_exponent) for h in taken},
+                "stale": [self._name(h) for h in stale],
+                "late": [],
+                "dropped_out": [self._name(h) for h in dropped],
+                "in_flight": [self._name(h) for h in sorted(self._in_flight)],
+                "arrival_s": {self._name(h): reached[h].arrival_s for h in taken + stale + dropped},
+                "version": self._version + (1 if taken else 0),
+                "simulated_s": duration,
+                "received_mb": received,
+            },
+            "simulated_time_s": self.simulated_time_s,
+        }
+        return out
 
     def drop_unusable(self, r: int, replies: list[Message], problems: list[str]) -> list[Message]:
         """Step 2. Leave out updates with NaN or infinite values (one would make every rule's
@@ -450,6 +603,11 @@ class FedsecStrategy(FedAvg):
         except (KeyError, ValueError) as err:
             raise FedsecError(f"round {r}: a hospital's reply does not have the global model's entries ({err}); "
                               "replies are checked before they are unpacked") from err
+        if self.buffered:  # a stale reply's update is relative to the older model it was trained on
+            for i, c in enumerate(contents):
+                staleness, base = self._buffer.get(int(c["metrics"]["hospital"]), (0, None))
+                if staleness:
+                    updates[i] += g - flatten_state(base.to_torch_state_dict()).to(updates.dtype)
         return ServerRound(
             number=r, hospitals=[int(c["metrics"]["hospital"]) for c in contents], contents=contents,
             weights=torch.tensor([float(c["metrics"]["num-examples"]) for c in contents], dtype=torch.float64),
@@ -513,6 +671,14 @@ class FedsecStrategy(FedAvg):
         rnd.received = None  # observers are done: free it if defenses made a copy
         flagged: list[int] = []
         info: dict = {}
+        if self.buffered and self.participation.staleness_weight != "constant":
+            # FedBuff's s(staleness) x update, before the rule (fedsec.federation.participation)
+            from fedsec.federation.participation import staleness_factor
+
+            p = self.participation
+            w = torch.tensor([staleness_factor(self._buffer.get(h, (0, None))[0], p.staleness_weight,
+                                               p.staleness_exponent) for h in rnd.hospitals], dtype=rnd.updates.dtype)
+            rnd.updates = rnd.updates * w[:, None]
         if rnd.aggregate_only:
             agg = rnd.updates[0].clone()
         elif self.rule is None:
