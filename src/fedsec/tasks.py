@@ -148,11 +148,14 @@ def _options(scenario) -> dict:
     return opts
 
 
-@task("heart_disease", domain="ehr_prediction", splits=("natural",), options=_EHR_OPTIONS,
+@task("heart_disease", domain="ehr_prediction", splits=("natural",), options={
+    **_EHR_OPTIONS, "preprocessing": "'fedsec' (default: 10 features, seed-42 split, pooled standardisation) or "
+                                     "'flamby' (FLamby's Fed-Heart-Disease exactly: one-hot cp and restecg, its "
+                                     "stratified split, per-hospital standardisation)"},
       sites=("cleveland", "hungary", "switzerland", "va"), class_names=("no disease", "disease"),
       inputs="patient records")
 def build_heart_disease(scenario) -> FederatedDataset:
-    """UCI Heart Disease (embedded): four real hospitals, predict heart disease from 13 clinical features."""
+    """UCI Heart Disease (embedded): four real hospitals, predict heart disease from 10 clinical features."""
     from fedsec.data.heart import load_heart_disease
 
     opts = _options(scenario)

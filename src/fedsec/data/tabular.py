@@ -24,7 +24,7 @@ SPLIT_SEED = 42
 
 def train_test_indices(n: int, test_fraction: float, split_seed: int = SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
     """A fixed random split of ``n`` rows; ``ceil(test_fraction * n)`` rows go to test
-    (sklearn's convention, which reproduces FLamby's per-centre sizes)."""
+    (sklearn's convention: on the heart data, FLamby's per-centre sizes, not its rows)."""
     n_test = int(math.ceil(test_fraction * n))
     if n_test >= n or n_test < 1:
         raise DataError(f"a hospital with {n} rows cannot be split with test_fraction={test_fraction}")
@@ -46,8 +46,9 @@ def federate_table(
     """features[i]: float [n_i, F] of hospital i (no missing values); labels[i]: int [n_i].
 
     normalize: 'pooled' standardises with the mean/std of all hospitals' *training* rows
-    (what a consortium computes once with a secure sum; FLamby's choice), 'site' with each
-    hospital's own training rows, 'none' leaves values as they are.
+    (what a consortium computes once with a secure sum), 'site' with each hospital's own
+    training rows (population std; FLamby's exact per-centre variant is the heart task's
+    ``preprocessing: flamby``, :mod:`fedsec.data.heart`), 'none' leaves values as they are.
     feature_stats: ``{"mean": [F], "std": [F]}``, the pooled statistics given (a deployment
     node holding only its own rows gets them from the server, which combined every
     hospital's moments: :func:`pooled_moments`); 'pooled' then uses them as they are.
