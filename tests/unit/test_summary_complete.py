@@ -4,6 +4,7 @@ sizes, which metrics are undefined for a hospital and why (docs/results.md)."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,41 @@ def test_undefined_reasons_of_metrics():
     assert undefined_reasons(both, classification_metrics(scores, both)) == {}
     assert undefined_reasons(torch.tensor([], dtype=torch.long), {"auroc": float("nan")}) == {
         "auroc": "it has no test records"}
+
+
+def test_report_shows_undefined_metrics_roles_and_what_moves(label_flip_run, tmp_path):
+    from fedsec.analysis.report import report_run
+
+    run_dir, _ = label_flip_run
+    page = report_run(run_dir, out=tmp_path / "report").read_text()
+    assert "undefined (its 16 test records are all one class (1))" in page
+    assert "malicious (label_flip)" in page and "attack label_flip by va in rounds 1-2" in page
+    # a label flip: balanced accuracy and accuracy beside AUROC, in the matrix cell and as curves
+    assert re.search(r"AUROC 0\.\d{3} · balanced accuracy 0\.\d{3} · accuracy 0\.\d{3}", page)
+    assert (tmp_path / "report" / f"curves_{run_dir.name}_balanced_accuracy.png").exists()
+
+
+def _row(privacy: dict, summary_privacy: dict, defense="fedavg") -> dict:
+    sc = {"name": "x", "strategy": defense, "attacks": [], "privacy": privacy}
+    return {"status": "completed", "auroc": 0.8, "accuracy": 0.7, "balanced_accuracy": 0.7, "attack_metric": None,
+            "attack_value": None, "_summary": {"privacy": summary_privacy, "final": {}}, "_scenario": sc}
+
+
+@pytest.mark.parametrize("privacy, spent, title", [
+    ({"dp_sgd": {"noise_multiplier": 1.0}}, {"dp_sgd": {"epsilon_max": 2.36, "epsilon": {"a": 2.36}}},
+     "FedAvg + DP-SGD ε=2.36"),
+    ({"central_dp": {"noise_multiplier": 1.0}}, {"central_dp": {"epsilon": 4.5, "delta": 1e-5}},
+     "FedAvg + central DP ε=4.5"),
+    ({"secure_aggregation": True}, {}, "FedAvg + SecAgg"),
+    ({"compression": {"keep_ratio": 0.1, "bits": 8}}, {}, "FedAvg + compression (top 10%, 8-bit)"),
+    ({}, {}, "FedAvg"),
+])
+def test_matrix_column_names_the_privacy_defense(privacy, spent, title):
+    from fedsec.analysis.matrix import build_matrix
+    from fedsec.analysis.report import risk_matrix_html
+
+    m = build_matrix([_row(privacy, spent)], [], None, None, "auroc")
+    assert m.column_title("fedavg") == title
+    assert f"<th>{title}<br>" in risk_matrix_html(m)
+    if privacy:
+        assert f"with {title.removeprefix('FedAvg + ')}" in m.cells[("none", "fedavg")].reading
