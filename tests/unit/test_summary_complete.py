@@ -120,3 +120,31 @@ def test_matrix_column_names_the_privacy_defense(privacy, spent, title):
     assert f"<th>{title}<br>" in risk_matrix_html(m)
     if privacy:
         assert f"with {title.removeprefix('FedAvg + ')}" in m.cells[("none", "fedavg")].reading
+
+
+@pytest.mark.parametrize("entry, knowledge", [
+    ("preset: badnets", "black_box"),
+    ("preset: badnets, boost: auto", "white_box"),  # n_hospitals / n_malicious: knows the round's participants
+    ("preset: model_replacement", "white_box"),
+    ("preset: model_replacement, boost: 2.0", "black_box"),
+    ("preset: scaling", "white_box"),
+    ("preset: scaling, gamma: 3", "black_box"),
+    ("preset: bounded_badnets, boost: 1.0", "white_box"),  # reads the defense's bound in force
+    ("preset: label_flip", "black_box"),
+])
+def test_threat_tags_follow_the_options_in_force(entry, knowledge):
+    from fedsec.scenario import derived_threat_model
+
+    sc = load_scenario(HEART, ["engine.name=inline", f"attacks=[{{{entry}, hospitals: [3]}}]"])
+    assert derived_threat_model(sc)["knowledge"] == knowledge
+
+
+def test_every_preset_declares_the_knowledge_its_options_imply():
+    """A preset's ``threat`` agrees with what its own options decide (Attack.threat_for)."""
+    import yaml
+
+    from fedsec.attacks import attack_threat
+
+    for f in sorted((ROOT / "attacks").glob("*.yaml")):
+        preset = yaml.safe_load(f.read_text())
+        assert attack_threat(preset) == preset["threat"], f.name
