@@ -148,3 +148,18 @@ def test_every_preset_declares_the_knowledge_its_options_imply():
     for f in sorted((ROOT / "attacks").glob("*.yaml")):
         preset = yaml.safe_load(f.read_text())
         assert attack_threat(preset) == preset["threat"], f.name
+
+
+def test_deployment_summary_has_the_same_hospitals_block(label_flip_run, tmp_path):
+    """The deployment ServerApp (no data on the server, run here on the in-process grid): the
+    sizes come from the hospitals' introductions and equal the simulation's."""
+    from fedsec.federation.inline import run_inline
+    from fedsec.runner import run_on_grid
+
+    _, sim = label_flip_run
+    # the run config's overrides are split on spaces: the same attack, written without any
+    overrides = 'engine.name=inline federation.rounds=2 attacks=[{"preset":"label_flip","hospitals":[3]}]'
+    dep = run_inline(load_scenario(HEART, LABEL_FLIP),
+                     lambda grid: run_on_grid(grid, str(HEART), overrides, str(tmp_path / "dep")), 4)
+    assert dep["hospitals"] == sim["hospitals"] and dep["attackers"] == sim["attackers"]
+    assert dep["per_hospital_undefined"] == sim["per_hospital_undefined"]
