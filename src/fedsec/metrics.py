@@ -98,3 +98,34 @@ def classification_metrics(scores: torch.Tensor, labels: torch.Tensor, loss: flo
     else:
         out["balanced_accuracy"] = (sens + spec) / 2 if not (math.isnan(sens) or math.isnan(spec)) else float("nan")
     return out
+
+
+def undefined_reasons(labels: torch.Tensor, metrics: dict, multilabel: bool = False) -> dict[str, str]:
+    """metric -> why it is undefined (NaN) on these test records, for each NaN metric of
+    ``metrics`` (``classification_metrics``' result) but the loss. A hospital whose test
+    records are all one class has no AUROC (nothing to rank against), a binary task's
+    specificity needs negatives and its sensitivity positives; balanced accuracy needs both.
+    -> {} when every metric is defined."""
+    nan = [k for k, v in metrics.items() if k != "loss" and (v is None or (isinstance(v, float) and math.isnan(v)))]
+    if not nan:
+        return {}
+    n = int(labels.shape[0])
+    if n == 0:
+        return {k: "it has no test records" for k in nan}
+    if multilabel:
+        truth = labels.float().cpu() > 0.5
+        mixed = [k for k in range(truth.shape[1]) if 0 < int(truth[:, k].sum()) < n]
+        why = (f"none of its {n} test records' labels has both present and absent cases" if not mixed
+               else f"its {n} test records lack cases for this metric")
+        return {k: why for k in nan}
+    classes = sorted(int(c) for c in torch.unique(labels.long().cpu()))
+    if len(classes) == 1:
+        why = f"its {n} test records are all one class ({classes[0]})"
+    else:
+        why = f"its {n} test records hold only classes {classes}"
+    out = {k: why for k in nan}
+    if "sensitivity" in out and classes == [0]:
+        out["sensitivity"] = f"its {n} test records are all one class (0): no positive record to detect"
+    if "specificity" in out and classes == [1]:
+        out["specificity"] = f"its {n} test records are all one class (1): no negative record to clear"
+    return out

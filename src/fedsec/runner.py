@@ -78,7 +78,49 @@ def hospital_names(scenario, task) -> list[str]:
     return list(task.data.hospitals)
 
 
-def build_summary(scenario, run_dir: RunDir, status: str, t0: float, error: str | None = None) -> dict:
+def hospital_sizes(task) -> dict[str, dict]:
+    """hospital name -> {"train_n", "test_n"}: from the data (simulation) or from the
+    hospitals' introductions (a deployment's ``NodesTask``, whose server holds no data)."""
+    if hasattr(task, "data"):
+        return {h: {"train_n": len(tr), "test_n": len(te)}
+                for h, tr, te in zip(task.data.hospitals, task.data.train, task.data.test)}
+    tests = getattr(task, "test_sizes", None) or {}
+    return {h: {"train_n": int(n), "test_n": int(tests[h]) if h in tests else None} for h, n in task.sizes.items()}
+
+
+def attackers(scenario, hospitals: list[str] | None) -> list[dict]:
+    """summary.json's ``attackers``: each attack entry's name, its hospitals (by name) and
+    its rounds window, as the server's adversary plans them (``adversary.malicious_ids``)."""
+    from fedsec.federation.adversary import malicious_ids
+
+    out = []
+    for i, entry in enumerate(scenario.attacks or []):
+        if hospitals is None:
+            who = [f"hospital {h}" for h in (entry.get("hospitals") or [])]
+        else:
+            who = [hospitals[h] if 0 <= h < len(hospitals) else f"hospital {h}"
+                   for h in malicious_ids(entry, len(hospitals), scenario.seed, i)]
+        first, last = entry.get("rounds") or [1, scenario.federation.rounds]
+        out.append({"attack": str(entry.get("preset", entry["attack"])), "class": str(entry["attack"]),
+                    "hospitals": who, "rounds": [int(first), int(last)]})
+    return out
+
+
+def hospitals_block(scenario, hospitals: list[str] | None, sizes: dict | None) -> dict:
+    """summary.json's ``hospitals``: name -> {"train_n", "test_n", "malicious", "attacks"}."""
+    if hospitals is None:
+        return {}
+    plans = attackers(scenario, hospitals)
+    sizes = sizes or {}
+    return {h: {"train_n": sizes.get(h, {}).get("train_n"), "test_n": sizes.get(h, {}).get("test_n"),
+                "malicious": any(h in a["hospitals"] for a in plans),
+                "attacks": [a["attack"] for a in plans if h in a["hospitals"]]} for h in hospitals}
+
+
+def build_summary(scenario, run_dir: RunDir, status: str, t0: float, error: str | None = None,
+                  hospitals: list[str] | None = None, sizes: dict | None = None) -> dict:
+    """summary.json's dict. hospitals: the run's hospital names (None before they are known);
+    sizes: :func:`hospital_sizes`."""
     from fedsec.attacks.nulls import attack_summary
     from fedsec.scenario import derived_threat_model
 
@@ -105,6 +147,9 @@ def build_summary(scenario, run_dir: RunDir, status: str, t0: float, error: str 
         "rounds_planned": scenario.federation.rounds,
         "final": {k: last.get("global", {}).get(k) for k in METRIC_KEYS} if last else {},
         "per_hospital": last.get("per_hospital", {}),
+        "per_hospital_undefined": last.get("undefined", {}),
+        "hospitals": hospitals_block(scenario, hospitals, sizes),
+        "attackers": attackers(scenario, hospitals),
         "attack": attack_summary(rounds, scenario),
         "defense": last.get("defense", {}),
         "privacy": privacy,
@@ -226,6 +271,7 @@ class RunLifecycle:
         self.engine_name = engine_name or scenario.engine.name
         self.task = None
         self.hospitals: list[str] | None = None
+        self.sizes: dict | None = None  # hospital_sizes(): train / test records of each hospital
         self.initial_state, self.offset, self.server_state = None, 0, None
         self.on_round = None
 
@@ -254,6 +300,7 @@ class RunLifecycle:
             self.task = build_task(scenario)  # data errors surface here, before any engine starts
             _check_privacy(scenario, self.task)  # privacy options and combinations
             self.hospitals = hospital_names(scenario, self.task)
+            self.sizes = hospital_sizes(self.task)
             _check_participation(scenario, self.hospitals)  # participation keys naming hospitals
         else:
             from fedsec.federation.adversary import server_data_needs
@@ -309,8 +356,8 @@ class RunLifecycle:
             if tracker:
                 tracker.close()
             run_dir.sync_rounds()
-            summary = finish_summary(build_summary(scenario, run_dir, status, self.t0, error), run_dir, scenario,
-                                     failure)
+            summary = finish_summary(build_summary(scenario, run_dir, status, self.t0, error, self.hospitals,
+                                                   self.sizes), run_dir, scenario, failure)
             run_dir.write_summary(summary)
             manifest.update(status=summary["status"], ended_at=utc_now(), files=run_dir.created_files())
             run_dir.write_manifest(manifest)
@@ -378,9 +425,12 @@ def run_on_grid(grid, scenario_ref: str, overrides: str, out: str, resume: bool 
     n = _expected_hospitals(scenario)
 
     def start(life: RunLifecycle) -> None:
+        def introduced(nodes_task) -> None:
+            life.hospitals, life.sizes = list(nodes_task.hospitals), hospital_sizes(nodes_task)
+            _introduced(scenario, nodes_task)
+
         strategy = serve(grid, scenario, None, run_dir, life.on_round, None, life.initial_state, life.offset,
-                         life.server_state, num_hospitals=n,
-                         on_introduced=lambda nodes_task: _introduced(scenario, nodes_task))
+                         life.server_state, num_hospitals=n, on_introduced=introduced)
         life.hospitals = strategy.hospitals
 
     return RunLifecycle(scenario, run_dir, t0, previous=previous, holds_data=False,

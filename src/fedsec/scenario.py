@@ -952,14 +952,18 @@ def _validate_privacy(s: Scenario, file: str) -> None:
 
 
 def derived_threat_model(s: Scenario) -> dict:
-    """The scenario's tags, with the left-out ones derived from the task and the attacks."""
+    """The scenario's tags, with the left-out ones derived from the task and the attacks (each
+    attack's preset ``threat``, changed by its options: ``Attack.threat_for``)."""
     tags = {k: getattr(s.threat_model, k) for k in TAXONOMY}
     if tags["domain"] is None:
         spec = _task_spec(s.task.name)
         tags["domain"] = spec.domain if spec is not None else None
+    from fedsec.attacks import attack_threat
+
+    threats = [attack_threat(a) for a in s.attacks]  # the presets' tags, as the options in force decide
     for k in ("adversary", "knowledge", "phase", "goal"):
         if tags[k] is None and s.attacks:
-            values = {str((a.get("threat") or {}).get(k)) for a in s.attacks if (a.get("threat") or {}).get(k)}
+            values = {str(t[k]) for t in threats if t.get(k)}
             tags[k] = values.pop() if len(values) == 1 else ("mixed" if values else None)
     return tags
 

@@ -6,7 +6,7 @@ scenario and returns a FederatedDataset. Nothing here runs at import time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -65,6 +65,7 @@ class NodesTask:
     num_classes: int
     multilabel: bool
     sizes: dict[str, int]  # hospital name -> training records
+    test_sizes: dict[str, int] = field(default_factory=dict)  # hospital name -> test records
 
     @classmethod
     def from_introductions(cls, scenario, intro: dict[int, dict]) -> "NodesTask":
@@ -83,7 +84,8 @@ class NodesTask:
                     f"{other['num-classes']} classes; every hospital must hold the same kind of records")
         return cls(scenario.task.name, scenario.task.model, dict(scenario.task.model_options or {}),
                    [str(intro[h]["name"]) for h in ids], shape, int(first["num-classes"]),
-                   bool(first["multilabel"]), {str(intro[h]["name"]): int(intro[h]["num-train"]) for h in ids})
+                   bool(first["multilabel"]), {str(intro[h]["name"]): int(intro[h]["num-train"]) for h in ids},
+                   {str(intro[h]["name"]): int(intro[h]["num-test"]) for h in ids if "num-test" in intro[h]})
 
     def make_model(self, seed: int | None = None) -> nn.Module:
         return build_model(self.model_name, self.input_shape, self.num_classes, self.model_options, seed=seed)

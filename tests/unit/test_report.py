@@ -94,6 +94,9 @@ def test_report_files_and_offline_html(fake_sweep):
     assert "http://" not in html and "https://" not in html
     assert "plants a backdoor" in html and "inversion_dlg_round1_hospital0.png" in html
     assert "varies no privacy setting" in html
+    # an integrity attack in the sweep: balanced accuracy and accuracy beside AUROC (issue 13 item 9)
+    assert 'id="summary-balanced_accuracy"' in html and 'id="summary-accuracy"' in html
+    assert re.search(r"AUROC 0\.\d{3} ± 0\.\d{3} · balanced accuracy 0\.700 · accuracy 0\.700", html)
     assert (root / "summary.md").exists() and (root / "sweep.csv").exists()
 
 

@@ -12,7 +12,6 @@ from fedsec.analysis.matrix import (
     _is_none,
     _mean,
     _metric_name,
-    defense_short,
 )
 from fedsec.analysis.runs import RunInfo, _class_info, _num
 
@@ -110,7 +109,7 @@ def plot_risk_matrix(m: RiskMatrix, stem: Path, title: str = "") -> Path:
     ax.set_xlim(0, ncols)
     ax.set_ylim(total, 0)
     ax.set_xticks([j + 0.5 for j in range(ncols)])
-    ax.set_xticklabels([defense_short(d) for d in m.defenses], rotation=0)
+    ax.set_xticklabels([m.column_title(d).replace(" + ", "\n+ ") for d in m.defenses], rotation=0)
     ax.xaxis.tick_top()
     ax.set_yticks(yticks)
     ax.set_yticklabels(ylabels)
@@ -185,6 +184,13 @@ def plot_learning_curves(runs: list[RunInfo], metric: str, stem: Path, title: st
                 if v is not None:
                     by_round.setdefault(int(rec["round"]), []).append(v)
         xs = sorted(by_round)
+        if not xs:  # e.g. AUROC of a hospital whose test records are all one class: say so, with why
+            why = next((((r.summary.get("per_hospital_undefined") or {}).get(h) or {}).get(metric)
+                        for r in runs if ((r.summary.get("per_hospital_undefined") or {}).get(h) or {}).get(metric)),
+                       None)
+            ax_h.plot([], [], ls="none", marker="x", color="#888888",
+                      label=f"{h}: undefined" + (f" ({why})" if why else ""))
+            continue
         ax_h.plot(xs, [statistics.fmean(by_round[x]) for x in xs], marker=".", lw=1.1,
                   ls="--" if h in malicious_names else "-", label=h + (" (malicious)" if h in malicious_names else ""))
     ax_h.set_title(f"per hospital {_metric_name(metric)}" + (" (mean over seeds)" if len(runs) > 1 else ""))

@@ -45,14 +45,22 @@ def _scenario(row: dict) -> dict:
 
 
 def malicious_names(row: dict, names: list[str]) -> set[str]:
+    block = (row.get("_summary") or {}).get("hospitals")
+    if isinstance(block, dict) and block:  # summary.json names them (attackers by fraction too)
+        return {h for h, v in block.items() if isinstance(v, dict) and v.get("malicious")}
     ids = {int(h) for a in _scenario(row).get("attacks") or [] for h in (a.get("hospitals") or [])}
     return {names[i] for i in ids if i < len(names)}
 
 
 def hospital_sizes(row: dict) -> dict[str, int]:
-    """Training records per hospital name, from the run's summary (``hospital_sizes``) when it
+    """Training records per hospital name, from the run's summary (``hospitals``, or an older
+    ``hospital_sizes``) when it
     has them, else from its task built from its scenario.yaml (cached per task)."""
     summary = row.get("_summary") or {}
+    block = summary.get("hospitals")
+    if isinstance(block, dict) and block and all(isinstance(v, dict) and v.get("train_n") is not None
+                                                 for v in block.values()):
+        return {str(k): int(v["train_n"]) for k, v in block.items()}
     if isinstance(summary.get("hospital_sizes"), dict):
         return {str(k): int(v) for k, v in summary["hospital_sizes"].items()}
     sc = _scenario(row)

@@ -50,6 +50,9 @@ def success_score(attack_metric: str | None, value: float | None, damage: float 
     return None if damage is None else clip(damage)
 
 
+SECONDARY_METRICS = ("balanced_accuracy", "accuracy")
+
+
 @dataclass
 class MatrixCell:
     attack: str
@@ -77,6 +80,9 @@ class MatrixCell:
     # effect, 95% t interval over seeds, the mean null and its kind; at_floor when the
     # interval includes 0 (or, with one seed, the run's bootstrap interval does)
     over_null: dict | None = None
+    # accuracy and balanced accuracy next to the matrix's metric (mean over seeds): a label flip
+    # that barely moves AUROC can cost accuracy (the cell shows them for integrity attacks)
+    also: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -89,6 +95,12 @@ class RiskMatrix:
     cells: dict[tuple[str, str], MatrixCell]
     groups: list[tuple[str, list[str]]]  # (threat group label, attacks in it)
     notes: list[str] = field(default_factory=list)
+    privacy: dict[str, str] = field(default_factory=dict)  # defense column -> privacy defenses in force
+
+    def column_title(self, d: str) -> str:
+        """A column's short title with the privacy defenses in force: ``FedAvg + DP-SGD ε=2.1``."""
+        note = self.privacy.get(d)
+        return defense_short(d) + (f" + {note}" if note else "")
 
 
 # the value success_score maps to 0: an effect e over the null is scored as this origin + e
@@ -127,6 +139,34 @@ def _scenario_of(row: dict) -> dict:
 
 def _attack_label(scenario: dict) -> str:
     return ",".join(str(a.get("preset") or a.get("attack")) for a in scenario.get("attacks") or []) or "none"
+
+
+def _epsilon(block) -> float | None:
+    from fedsec.analysis.figures import _find_epsilon
+
+    return _find_epsilon(block) if block else None
+
+
+def privacy_note(scenario: dict, summary: dict | None) -> str:
+    """The privacy defenses a run's scenario puts in force, with the epsilon its summary
+    reports: ``DP-SGD ε=2.31 + SecAgg`` ("" when none). A column of the risk matrix shows it
+    next to the rule, so a DP-SGD run is not read as plain FedAvg."""
+    p = scenario.get("privacy") or {}
+    spent = (summary or {}).get("privacy") or {}
+    parts = []
+    for key, title in (("dp_sgd", "DP-SGD"), ("central_dp", "central DP")):
+        if p.get(key):
+            eps = _epsilon(spent.get(key))
+            parts.append(title + (f" ε={eps:.3g}" if eps is not None else ""))
+    if p.get("secure_aggregation"):
+        parts.append("SecAgg")
+    comp = p.get("compression")
+    if comp:
+        comp = comp if isinstance(comp, dict) else {}
+        what = [f"top {float(comp['keep_ratio']):.0%}" if comp.get("keep_ratio") is not None else "",
+                f"{comp['bits']}-bit" if comp.get("bits") else ""]
+        parts.append("compression" + (f" ({', '.join(w for w in what if w)})" if any(what) else ""))
+    return " + ".join(parts)
 
 
 def _defense_label(scenario: dict) -> str:
@@ -191,6 +231,7 @@ def build_matrix(rows: list[dict], keys: list[str], row_key: str | None, col_key
             c.summary = first.get("_summary") or {}
             c.threat = dict(c.summary.get("threat_model") or {})
             c.scenario = _scenario_of(first)
+            c.also = {k: _mean([r.get(k) for r in ok]) for k in SECONDARY_METRICS if k != metric}
             cells[(a, d)] = c
     none_row = next((a for a in attacks if _is_none(a)), None)
     ref_col = REFERENCE_DEFENSE if REFERENCE_DEFENSE in defenses else None
@@ -231,6 +272,10 @@ def build_matrix(rows: list[dict], keys: list[str], row_key: str | None, col_key
     matrix = RiskMatrix(row_key or "attacks", col_key or "strategy", metric,
                         [a for _, g in ordered for a in g], defenses,
                         cells, ordered, notes)
+    for d in defenses:  # the privacy defenses in force in the column (the same in each of its cells)
+        notes_d = [privacy_note(c.scenario, c.summary) for (_, dd), c in cells.items() if dd == d and c.scenario]
+        if notes_d and notes_d[0]:
+            matrix.privacy[d] = notes_d[0]
     for c in cells.values():
         c.reading = reading(c, matrix)
     return matrix
@@ -305,6 +350,8 @@ def reading(c: MatrixCell, m: RiskMatrix) -> str:
     """One sentence a clinician can follow, generated from the cell's numbers."""
     metric = _metric_name(m.metric)
     D = defense_name(c.defense) if m.col_key == "strategy" else f"{m.col_key}={c.defense}"
+    if m.privacy.get(c.defense):
+        D += f" with {m.privacy[c.defense]}"
     D_cap = D[0].upper() + D[1:]
     if c.n == 0:
         return f"{c.n_cells} run(s), none completed: no reading."

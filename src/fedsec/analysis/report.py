@@ -55,7 +55,6 @@ from fedsec.analysis.matrix import (
     _is_none,
     _metric_name,
     build_matrix,
-    defense_short,
     matrix_axes,
 )
 from fedsec.analysis.runs import REFERENCE_DEFENSE, RunInfo, _num
@@ -103,7 +102,7 @@ def risk_matrix_html(m: RiskMatrix) -> str:
     e = html.escape
     out = ['<table class="risk" id="risk-matrix-table">',
            f"<thead><tr><th>attack ({e(m.row_key)}) \\ defense ({e(m.col_key)})</th>"
-           + "".join(f"<th>{e(defense_short(d))}<br><code>{e(d)}</code></th>" for d in m.defenses)
+           + "".join(f"<th>{e(m.column_title(d))}<br><code>{e(d)}</code></th>" for d in m.defenses)
            + "</tr></thead><tbody>"]
     for label, members in m.groups:
         out.append(f'<tr class="group"><th colspan="{len(m.defenses) + 1}">{e(label)}</th></tr>')
@@ -123,6 +122,8 @@ def risk_matrix_html(m: RiskMatrix) -> str:
                 if c.utility is not None:
                     nums.append(f"{_metric_name(m.metric)} {c.utility:.3f}"
                                 + (f" ± {c.utility_std:.3f}" if c.utility_std is not None else ""))
+                if _shows_also(c, m):  # a label flip can cost accuracy while AUROC barely moves
+                    nums += [f"{_metric_name(k)} {v:.3f}" for k, v in c.also.items() if v is not None]
                 if c.attack_metric and c.attack_value is not None:
                     nums.append(f"{c.attack_metric} {c.attack_value:.2f}"
                                 + (f" ± {c.attack_std:.2f}" if c.attack_std is not None else ""))
@@ -150,6 +151,15 @@ def risk_matrix_html(m: RiskMatrix) -> str:
     legend.append("</p>")
     notes = "".join(f'<p class="note">{e(n)}</p>' for n in m.notes)
     return "".join(legend) + "\n".join(out) + notes
+
+
+def _shows_also(c, m: RiskMatrix) -> bool:
+    """Accuracy and balanced accuracy beside the matrix's metric: for integrity attacks (and the
+    no-attack row they are read against)."""
+    if not any(v is not None for v in c.also.values()):
+        return False
+    integrity = any(x.threat.get("goal") == "integrity" for x in m.cells.values())
+    return c.threat.get("goal") == "integrity" or (_is_none(c.attack) and integrity)
 
 
 def _attack_description(m: RiskMatrix, attack: str) -> str:
@@ -245,7 +255,8 @@ def report_run(run_dir: Path, metric: str = "auroc", out: Path | None = None) ->
     from fedsec.analysis.tables import attack_metric_of
 
     am, av = attack_metric_of(s.get("attack") or {})
-    row = {"status": s.get("status"), metric: _num((s.get("final") or {}).get(metric)), "attack_metric": am,
+    row = {"status": s.get("status"), **{k: _num(v) for k, v in (s.get("final") or {}).items()},
+           metric: _num((s.get("final") or {}).get(metric)), "attack_metric": am,
            "attack_value": av, "_summary": s, "_dir": str(run_dir), "_scenario": run.scenario}
     matrix = build_matrix([row], [], None, None, metric)
     png = plot_risk_matrix(matrix, out / "risk_matrix", f"{name}: risk")
@@ -253,13 +264,16 @@ def report_run(run_dir: Path, metric: str = "auroc", out: Path | None = None) ->
                      risk_matrix_html(matrix) + _figure(png, "risk matrix (PNG; PDF next to it)")))
     curves = plot_learning_curves([run], metric, out / f"curves_{_slug(run_dir.name)}",
                                   f"{name} (seed {s.get('seed')})")
-    sections.append(("curves", "Learning curves", "<p>Attack rounds shaded.</p>" + _figure(curves, "learning curves")))
-    final = s.get("final") or {}
-    ph = s.get("per_hospital") or {}
-    headers = ["", *final.keys()]
-    rows = [["union", *(_fmt(final.get(k)) for k in final)]]
-    rows += [[h, *(_fmt((v or {}).get(k)) for k in final)] for h, v in ph.items()]
-    sections.append(("final", "Final metrics", _table_html(headers, rows)))
+    curve_figs = _figure(curves, "learning curves")
+    if (s.get("threat_model") or {}).get("goal") == "integrity":
+        # a label flip can leave AUROC where it was and still cost accuracy: draw what moves too
+        for extra in ("balanced_accuracy", "accuracy"):
+            if extra != metric:
+                png_x = plot_learning_curves([run], extra, out / f"curves_{_slug(run_dir.name)}_{extra}",
+                                             f"{name} (seed {s.get('seed')}): {_metric_name(extra)}")
+                curve_figs += _figure(png_x, f"learning curves, {_metric_name(extra)}")
+    sections.append(("curves", "Learning curves", "<p>Attack rounds shaded.</p>" + curve_figs))
+    sections.append(("final", "Final metrics", final_metrics_html(s)))
     nulls_html = attack_nulls_html(s.get("attack") or {})
     if nulls_html:
         sections.append(("nulls", "Attack metrics against their nulls", nulls_html))
@@ -267,11 +281,41 @@ def report_run(run_dir: Path, metric: str = "auroc", out: Path | None = None) ->
     ledger = _privacy_ledger_html(s)
     if ledger:
         sections.append(("privacy-ledger", "Privacy ledger (DP-SGD)", ledger))
+    defense = matrix.column_title(matrix.defenses[0]) if matrix.defenses else ""
+    attackers = "; ".join(f"{a['attack']} by {', '.join(a['hospitals']) or 'no hospital'} in rounds "
+                          f"{a['rounds'][0]}-{a['rounds'][1]}" for a in s.get("attackers") or [])
     meta = (f"run <code>{html.escape(str(run_dir))}</code> · status {html.escape(str(s.get('status')))} · "
-            f"{s.get('rounds')} rounds · threat model {html.escape(_tags(s.get('threat_model')))}")
+            f"{s.get('rounds')} rounds · defense {html.escape(defense or 'FedAvg')}"
+            + f" · attack {html.escape(attackers or 'none')}"
+            + f" · threat model {html.escape(_tags(s.get('threat_model')))}")
     page = _page(f"fedsec report — {name}", meta, sections)
     (out / "index.html").write_text(page)
     return out / "index.html"
+
+
+def final_metrics_html(s: dict) -> str:
+    """The final metrics of the union and of each hospital, with its test / training records
+    and role; a metric undefined for a hospital reads "undefined (reason)" (summary.json's
+    ``per_hospital_undefined``), never a blank."""
+    final = s.get("final") or {}
+    ph = s.get("per_hospital") or {}
+    undefined = s.get("per_hospital_undefined") or {}
+    hosp = s.get("hospitals") or {}
+    keys = list(final) or list(next(iter(ph.values()), {}) or {})
+    headers = ["", "test records", "training records", "role", *keys]
+    total = sum(v.get("test_n") or 0 for v in hosp.values()) or ""
+    rows = [["union", total, sum(v.get("train_n") or 0 for v in hosp.values()) or "", "",
+             *(_fmt(final.get(k)) or "undefined" for k in keys)]]
+    for h in dict.fromkeys([*ph, *hosp]):
+        v, info, why = ph.get(h) or {}, hosp.get(h) or {}, undefined.get(h) or {}
+        role = ("malicious (" + ", ".join(info.get("attacks") or []) + ")") if info.get("malicious") else (
+            "benign" if info else "")
+        cells = []
+        for k in keys:
+            text = _fmt(v.get(k))
+            cells.append(text if text else (f"undefined ({why[k]})" if k in why else "undefined" if v else "not evaluated"))
+        rows.append([h, info.get("test_n", ""), info.get("train_n", ""), role, *cells])
+    return _table_html(headers, [[("" if c is None else c) for c in r] for r in rows])
 
 
 def _privacy_ledger_html(s: dict) -> str:
@@ -393,6 +437,19 @@ def report_sweep(sweep_dir: Path, rows: str | None = None, cols: str | None = No
                      + f"<p>Files: <code>{e(tables['summary_md'].name)}</code>, "
                        f"<code>{e(tables['summary_csv'].name)}</code>, "
                        f"<code>{e(tables['sweep_csv'].name)}</code> in the sweep folder.</p>"))
+
+    # a label flip can barely move AUROC and still cost accuracy: with integrity attacks in the
+    # sweep, the same table for balanced accuracy and accuracy
+    if any(((r.get("_summary") or {}).get("threat_model") or {}).get("goal") == "integrity" for r in data):
+        for other in ("balanced_accuracy", "accuracy"):
+            if other == metric:
+                continue
+            agg_x = aggregate(data, keys, row_key, col_key, other)
+            by_x = {(tuple(a[k] for k in extra), a["row"], a["col"]): a
+                    for a in agg_x}
+            xrows = [[*ex, r] + [format_cell(by_x.get((ex, r, c))) for c in col_values] for ex, r in row_ids]
+            sections.append((f"summary-{other}", f"Summary ({_metric_name(other)}, mean ± std over seeds)",
+                             _table_html(headers, xrows, "summary")))
 
     # strongest attack per defense, harm per hospital (their Markdown files as HTML)
     for key, anchor, title in (("strongest_md", "strongest", "Strongest attack per defense"),

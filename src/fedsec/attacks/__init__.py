@@ -56,5 +56,20 @@ def make_attack_from_preset(preset: Mapping, **overrides):
     return make_attack(preset["attack"], **options)
 
 
-__all__ = ["ATTACKS", "PRESET_KEYS", "get_attack_class", "make_attack", "make_attack_from_preset",
+def attack_threat(entry: Mapping) -> dict:
+    """An attack entry's threat tags: its preset's ``threat`` with what its options decide
+    (``Attack.threat_for``: ``boost: auto`` knows the round's participants -> white box)."""
+    threat = dict(entry.get("threat") or {})
+    try:
+        cls = get_attack_class(str(entry["attack"]))
+    except (FedsecError, KeyError):
+        return threat
+    from fedsec.scenario import ATTACK_FRAMEWORK_KEYS
+
+    options = {**cls.option_defaults(), **{k: v for k, v in entry.items() if k not in ATTACK_FRAMEWORK_KEYS}}
+    threat.update(cls.threat_for(options) or {})
+    return threat
+
+
+__all__ = ["ATTACKS", "PRESET_KEYS", "attack_threat", "get_attack_class", "make_attack", "make_attack_from_preset",
            "option_names", "register_attack"]

@@ -285,6 +285,10 @@ class _DefenseAwareBackdoor:
     targets = NORM_DEFENSES
     uses_honest_direction = False  # True: the update's direction is built from the honest update too
 
+    @classmethod
+    def threat_for(cls, options: dict) -> dict:
+        return {"knowledge": "white_box"}  # it reads the defense's bound in force, whatever its boost
+
     def _init_adaptive(self):
         margin = self.options["margin"]
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 < margin <= 1:

@@ -29,6 +29,7 @@ import torch
 
 from fedsec.attacks.base import Attack, AttackContext
 from fedsec.attacks.poisoning import (
+    auto_factor_knowledge,
     check_factor_option,
     check_fraction,
     check_norm_bound,
@@ -132,6 +133,10 @@ class Backdoor(Attack):
         norm_bound: Optional[float] = option(None, "L2 bound of the boosted update (null: none)", gt=0.0)
         null_run: Optional[str] = option(None, "results folder of the no-attack run of the same seed: its final "
                                                "model gives the ASR floor (null: the untrained model)")
+
+    @classmethod
+    def threat_for(cls, options: dict) -> dict:
+        return auto_factor_knowledge(options, "boost")  # boost auto: the round's participants
 
     def __init__(self, **options):
         super().__init__(**options)

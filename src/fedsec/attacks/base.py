@@ -120,6 +120,13 @@ class Attack:
     # ``fedsec.registry.option``), or as typed keyword parameters of its constructor.
 
     @classmethod
+    def threat_for(cls, options: dict) -> dict:
+        """Threat tags the options in force decide, over the preset's ``threat`` (e.g. a boost
+        of ``auto`` needs the number of hospitals in the round: white box). ``options``: every
+        option, defaults filled in. -> {} when the options change nothing."""
+        return {}
+
+    @classmethod
     def option_defaults(cls) -> dict:
         """option name -> default, from the ``Options`` declaration."""
         from fedsec.registry import options_of

@@ -49,6 +49,13 @@ def task_attr(ctx: AttackContext | None, attr: str):
 
 
 # --- shared by the model-poisoning and backdoor attacks --------------------------------------
+def auto_factor_knowledge(options: dict, key: str) -> dict:
+    """``threat_for`` of an attack whose boost ``key`` may be ``auto``: n_hospitals / n_malicious
+    of the round needs the round's participants (white box); a fixed number needs nothing the
+    hospital does not hold (black box)."""
+    return {"knowledge": "white_box" if options.get(key) == "auto" else "black_box"}
+
+
 def boost_factor(ctx: AttackContext) -> float:
     """Model-replacement boost ``n / m`` (Bagdasaryan et al. 2020, with FedAvg's server lr 1):
     n hospitals in the round, m of them malicious, each sending ``global + (n/m) * update``
@@ -226,6 +233,10 @@ class Scaling(Attack):
     class Options:
         gamma: Union[float, Literal["auto"], None] = option("auto", "boost factor; auto = hospitals / malicious")
 
+    @classmethod
+    def threat_for(cls, options: dict) -> dict:
+        return auto_factor_knowledge(options, "gamma")
+
     def __init__(self, **options):
         super().__init__(**options)
         check_factor_option(self, "gamma")
@@ -312,6 +323,10 @@ class ConstrainAndScale(Attack):
     class Options:
         gamma: Union[float, Literal["auto"], None] = option("auto", "boost factor; auto = hospitals / malicious")
         norm_bound: float = option(1.0, "L2 bound the scaled update is projected onto", gt=0.0)
+
+    @classmethod
+    def threat_for(cls, options: dict) -> dict:
+        return auto_factor_knowledge(options, "gamma")
 
     def __init__(self, **options):
         super().__init__(**options)

@@ -40,7 +40,7 @@ from fedsec.errors import FedsecError
 from fedsec.core.params import flatten_state, unflatten_state
 from fedsec.core.training import seed_global_rng
 from fedsec.federation.adversary import AttackPlan, all_malicious, forge_updates
-from fedsec.metrics import classification_metrics
+from fedsec.metrics import classification_metrics, undefined_reasons
 
 log = logging.getLogger("fedsec")
 
@@ -798,12 +798,16 @@ class FedsecStrategy(FedAvg):
         valid, problems = self._check(r, replies, self._eval_selected)
         multilabel = bool(self._multilabel_hint(valid))
         per_hospital, all_scores, all_labels, losses, counts = {}, [], [], [], []
+        undefined: dict[str, dict[str, str]] = {}
         for m in valid:
             h = int(m.content["metrics"]["hospital"])
             scores = torch.from_numpy(m.content["predictions"]["scores"].numpy())
             labels = torch.from_numpy(m.content["predictions"]["labels"].numpy())
             loss = float(m.content["metrics"]["loss"])
             per_hospital[self._name(h)] = classification_metrics(scores, labels, loss, multilabel)
+            why = undefined_reasons(labels, per_hospital[self._name(h)], multilabel)  # e.g. one-class test set
+            if why:
+                undefined[self._name(h)] = why
             all_scores.append(scores)
             all_labels.append(labels)
             losses.append(loss * len(labels))
@@ -819,6 +823,7 @@ class FedsecStrategy(FedAvg):
             "time_s": time.perf_counter() - self._round_t0,
             "global": union,
             "per_hospital": per_hospital,
+            **({"undefined": undefined} if undefined else {}),
             **{k: v for k, v in self._train_info.items() if k != "attack"},
             "attack": attack_metrics,
         }
