@@ -363,6 +363,20 @@ def test_tabular_inversion_observe_reports_feature_errors(tmp_path):
     assert metrics["label_acc"] == 1.0
 
 
+def test_tabular_inversion_under_secure_aggregation_scores_every_participant():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(13, 16), nn.ReLU(), nn.Linear(16, 2))
+    x, y = torch.randn(2, 13), torch.tensor([0, 1])
+    aggregate = torch.stack([local_update(model, x[h:h + 1], y[h:h + 1], lr=0.05) for h in range(2)]).mean(0)
+    ctx = AttackContext(server_round=2, participants=[0, 1], extra={
+        "model_fn": lambda: copy.deepcopy(model), "local": {"lr": 0.05, "epochs": 1, "batch_size": 1},
+        "num_samples": {0: 1, 1: 1}, "truth": {0: Split(x[:1], y[:1]), 1: Split(x[1:], y[1:])}})
+    m = inversion.TabularInversionAttack(target_round=2, iterations=50).observe(2, None, aggregate,
+                                                                                flat_params(model), ctx)
+    assert m["on_aggregate"] == 1.0 and m["participants"] == 2 and m["num_images"] == 2
+    assert m["records_total"] == 2 and len(m["feature_abs_error"]) == 13
+
+
 # --- membership inference ---------------------------------------------------------------------
 
 
