@@ -25,6 +25,11 @@ data, differentiably (Geiping et al.'s "multi-step" attack), and matches the sim
 dummy samples ``[(t * batch_size) mod n, ...)``: the attacker assumes the hospital's batch order
 (true when ``batch_size == n`` or without shuffling), as Geiping et al. do.
 
+Secure aggregation: the server sees only the weighted mean of the participants' updates.
+The observers then reconstruct every participant's records jointly (:class:`AggregateTraining`:
+each participant's local SGD re-run on its own slice of the dummy batch, combined with the
+aggregation weights) and score them against every participant (:func:`joint_scores`).
+
 Evaluation protocol: the server never sees the truth. In simulation, the framework hands
 the target hospital's true training batch to :meth:`observe` through
 ``ctx.extra["truth"]`` *for scoring only* (PSNR / SSIM / label accuracy, after Hungarian
@@ -970,8 +975,9 @@ class GradientInversionAttack(Attack):
         metrics.update({k: v for k, v in pooled.items() if k != "matched"})
         ti = pooled["matched"]
         ref, who = xs[ti], owner[ti]
-        nulls = [population_mean(all_truth if all_truth is not None else truths, int(h), input_shape)
-                 for h in who.tolist()]
+        source = all_truth if all_truth is not None else truths
+        per_hospital = {h: population_mean(source, h, input_shape) for h in set(who.tolist())}
+        nulls = [per_hospital[h] for h in who.tolist()]
         if all(n is not None for n in nulls):
             from fedsec.attacks.nulls import mean_stat
 
