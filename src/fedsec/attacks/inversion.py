@@ -25,6 +25,11 @@ data, differentiably (Geiping et al.'s "multi-step" attack), and matches the sim
 dummy samples ``[(t * batch_size) mod n, ...)``: the attacker assumes the hospital's batch order
 (true when ``batch_size == n`` or without shuffling), as Geiping et al. do.
 
+Secure aggregation: the server sees only the weighted mean of the participants' updates.
+The observers then reconstruct every participant's records jointly (:class:`AggregateTraining`:
+each participant's local SGD re-run on its own slice of the dummy batch, combined with the
+aggregation weights) and score them against every participant (:func:`joint_scores`).
+
 Evaluation protocol: the server never sees the truth. In simulation, the framework hands
 the target hospital's true training batch to :meth:`observe` through
 ``ctx.extra["truth"]`` *for scoring only* (PSNR / SSIM / label accuracy, after Hungarian
@@ -109,6 +114,63 @@ class LocalTraining:
 
 
 @dataclass
+class Participant:
+    """One hospital behind a secure aggregate, as the attacker re-runs it. hospital: its id.
+    local: its local SGD. count: dummy records the attacker gives it (its sample count, capped
+    by ``max_images``). weight: its aggregation weight (FedAvg: its reported sample count; the
+    server knows it, Flower's training metrics travel in the clear under SecAgg+)."""
+
+    hospital: int
+    local: LocalTraining
+    count: int
+    weight: float
+
+
+@dataclass
+class AggregateTraining:
+    """The local training behind a secure aggregate: each participant re-runs its own local
+    SGD on its own slice of the dummy batch (participants in order, ``count`` records each),
+    and the simulated updates are combined with the normalised weights, as the server's
+    weighted mean does. Every attack accepts it where it takes a :class:`LocalTraining`."""
+
+    parts: list[Participant]
+
+    def __post_init__(self):
+        if not self.parts:
+            raise ValueError("AggregateTraining needs at least one participant")
+        total = sum(float(p.weight) for p in self.parts)
+        if not total > 0:
+            raise ValueError("AggregateTraining: the participants' weights must sum to more than 0")
+        self.fractions = [float(p.weight) / total for p in self.parts]
+
+    @property
+    def lr(self) -> float:
+        """Weighted mean local lr (the L2 objective's scale)."""
+        return sum(f * p.local.lr for f, p in zip(self.fractions, self.parts))
+
+    @property
+    def steps(self) -> int:
+        return max(1, round(sum(f * p.local.steps for f, p in zip(self.fractions, self.parts))))
+
+    @property
+    def lr_steps(self) -> float:
+        """sum_h w_h lr_h steps_h: the aggregate update is about ``-lr_steps`` times a mean gradient."""
+        return sum(f * p.local.lr * p.local.steps for f, p in zip(self.fractions, self.parts))
+
+    @property
+    def batch_size(self) -> None:
+        return None
+
+    @property
+    def count(self) -> int:
+        return sum(p.count for p in self.parts)
+
+
+def _lr_steps(local) -> float:
+    return local.lr_steps if isinstance(local, AggregateTraining) else local.lr * local.steps
+
+
+@dataclass
 class InversionResult:
     """x: the reconstruction ``[B, *input_shape]`` (images clamped to [0, 1]). labels: ``LongTensor[B]``
     (recovered or optimised). objective: the final matching objective of the kept restart.
@@ -186,18 +248,30 @@ class _LocalSGD:
         return [update[o:o + n].reshape(s) for o, n, s in self.slices]
 
     def simulate(self, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        if not isinstance(self.local, AggregateTraining):
+            return self._simulate(x, y, self.local)
+        if x.shape[0] != self.local.count:
+            raise ValueError(f"the dummy batch has {x.shape[0]} records, the participants {self.local.count}")
+        total, start = None, 0
+        for f, part in zip(self.local.fractions, self.local.parts):
+            upd = self._simulate(x[start:start + part.count], y[start:start + part.count], part.local)
+            start += part.count
+            total = [f * u for u in upd] if total is None else [t + f * u for t, u in zip(total, upd)]
+        return total
+
+    def _simulate(self, x: torch.Tensor, y: torch.Tensor, local: LocalTraining) -> list[torch.Tensor]:
         from torch.func import functional_call
 
         params = dict(self.params0)
         n = x.shape[0]
-        bs = n if self.local.batch_size is None else max(1, min(self.local.batch_size, n))
+        bs = n if local.batch_size is None else max(1, min(local.batch_size, n))
         batches = math.ceil(n / bs)
-        for t in range(self.local.steps):
+        for t in range(local.steps):
             start = (t % batches) * bs
             xb, yb = x[start:start + bs], y[start:start + bs]
             out = functional_call(self.model, {**params, **self.buffers}, (xb,))
             grads = torch.autograd.grad(_loss(out, yb), [params[k] for k in self.names], create_graph=True)
-            params = {k: params[k] - self.local.lr * g for k, g in zip(self.names, grads)}
+            params = {k: params[k] - local.lr * g for k, g in zip(self.names, grads)}
         return [params[k] - self.params0[k] for k in self.names]
 
     def last_layer(self) -> tuple[str, str | None]:
@@ -312,7 +386,7 @@ def infer_labels(model: torch.nn.Module, global_params: torch.Tensor, update: to
     w_name, b_name = sim.last_layer()
     pieces = dict(zip(sim.names, sim.target(update)))
     # effective mean gradient per step: update = -lr * sum_t g_t
-    scale = -1.0 / (local.lr * local.steps)
+    scale = -1.0 / _lr_steps(local)
     g_w = pieces[w_name] * scale
     g_b = pieces[b_name] * scale if b_name is not None else None
     k = g_w.shape[0]
@@ -757,13 +831,18 @@ class GradientInversionAttack(Attack):
     ``"all"``), target_round (1-based round or list), max_images (cap on the reconstructed
     batch), local_lr / local_epochs / local_batch_size / num_samples (override what the
     framework passes; None = use ``ctx.extra``), device, seed, save_grid,
-    on_secure_aggregation (``"aggregate"``: invert the aggregate as one big update — what
-    a server under SecAgg still sees; ``"skip"``), model_mode (``"eval"`` / ``"train"``).
+    on_secure_aggregation (``"joint"``: reconstruct every participant's records at once from
+    the aggregate — each participant's local SGD re-run on its own dummy records, combined
+    with the aggregation weights — and score against every participant; ``"skip"``: record
+    ``blocked_by_secure_aggregation``), model_mode (``"eval"`` / ``"train"``).
 
     ``ctx.extra`` read by :meth:`observe`: ``local`` = {"lr", "epochs", "batch_size"}
     (the scenario's local training), ``num_samples`` = {hospital: n} (from the replies),
     ``model_fn`` / ``model``, ``input_shape``; for scoring only: ``truth`` (a Split or
     {hospital: Split}, the hospital's true batch) and ``out_dir`` (grids are written there).
+    Under SecAgg also ``weights`` = {hospital: aggregation weight} (the reported sample counts;
+    default ``num_samples``) and ``ctx.participants`` (default: every hospital in ``truth`` /
+    ``num_samples``).
     """
 
     goal = "confidentiality"
@@ -786,16 +865,17 @@ class GradientInversionAttack(Attack):
         device: str = option("cpu", "torch device of the optimisation")
         seed: int = option(0, "seed of the dummy data", min=0)
         save_grid: bool = option(True, "write reconstruction grids to figures/")
-        on_secure_aggregation: str = option("aggregate", "under SecAgg: invert the aggregate, or skip",
-                                            choices=("aggregate", "skip"))
+        on_secure_aggregation: str = option(
+            "joint", "under SecAgg: reconstruct every participant's records jointly from the aggregate "
+            "(scored against all of them), or skip", choices=("joint", "skip"))
         model_mode: str = option("eval", "model mode during inversion", choices=("eval", "train"))
 
     def __init__(self, target_hospital=0, target_round=1, max_images: int = 8, local_lr: float | None = None,
                  local_epochs: int | None = None, local_batch_size: int | None = None,
                  num_samples: int | None = None, device: str = "cpu", seed: int = 0, save_grid: bool = True,
-                 on_secure_aggregation: str = "aggregate", model_mode: str = "eval"):
-        if on_secure_aggregation not in ("aggregate", "skip"):
-            raise ValueError("on_secure_aggregation must be 'aggregate' or 'skip'")
+                 on_secure_aggregation: str = "joint", model_mode: str = "eval"):
+        if on_secure_aggregation not in ("joint", "skip"):
+            raise ValueError(f"on_secure_aggregation must be 'joint' or 'skip', got {on_secure_aggregation!r}")
         self.target_hospital, self.target_round = target_hospital, target_round
         self.max_images, self.local_lr, self.local_epochs = int(max_images), local_lr, local_epochs
         self.local_batch_size, self.num_samples = local_batch_size, num_samples
@@ -866,46 +946,175 @@ class GradientInversionAttack(Attack):
             metrics["label_acc"] = leakage.label_recovery_accuracy(result.labels, true_labels)
         return metrics
 
+    def score_joint(self, result: InversionResult, truths: dict, input_shape, all_truth=None) -> dict:
+        """Scores of a joint reconstruction from a secure aggregate against **every**
+        participant: the participants' true records are pooled, reconstructions are paired
+        with them by the optimal assignment (Hungarian, on PSNR), and PSNR / SSIM are the mean
+        over the matched records (``images_scored`` of ``images_total``; all of them when no
+        participant has more records than ``max_images``), with the mean per participant in
+        ``psnr_by_hospital``. Nulls, scored the same way: ``psnr_null`` / ``ssim_null`` — each
+        record against the population-mean image (the mean of every *other* hospital's
+        records, :func:`population_mean`), with paired bootstrap CIs in ``stats``; and
+        ``psnr_participants_mean`` / ``ssim_participants_mean`` — every reconstruction
+        replaced by the plain average of the participants' records (what one blurred image of
+        the aggregate would give at best)."""
+        from fedsec.attacks import leakage
+
+        hospitals = [h for h in truths if truths[h] is not None and len(truths[h])]
+        if not hospitals:
+            return {}
+        xs = torch.cat([truths[h].x for h in hospitals])
+        ys = torch.cat([truths[h].y for h in hospitals])
+        owner = torch.cat([torch.full((len(truths[h]),), int(h), dtype=torch.long) for h in hospitals])
+        metrics = {"participants": len(hospitals), "images_total": int(len(xs))}
+        if len(input_shape) != 3:
+            metrics.update(self.score(result, _Pooled(xs, ys), input_shape))
+            return metrics
+        xs = xs.reshape(len(xs), *input_shape).to(result.x.dtype)
+        pooled = joint_scores(result.x, xs, owner)
+        metrics.update({k: v for k, v in pooled.items() if k != "matched"})
+        ti = pooled["matched"]
+        ref, who = xs[ti], owner[ti]
+        source = all_truth if all_truth is not None else truths
+        per_hospital = {h: population_mean(source, h, input_shape) for h in set(who.tolist())}
+        nulls = [per_hospital[h] for h in who.tolist()]
+        if all(n is not None for n in nulls):
+            from fedsec.attacks.nulls import mean_stat
+
+            null = torch.stack(nulls).to(ref.dtype)
+            p_null = leakage.psnr(null, ref, reduction="none").clamp(max=100.0).numpy()
+            s_null = leakage.ssim(null, ref, reduction="none").numpy()
+            metrics["psnr_null"], metrics["ssim_null"] = float(p_null.mean()), float(s_null.mean())
+            metrics["stats"] = {"psnr": mean_stat(pooled["psnr_per_image"], p_null, "population_mean"),
+                                "ssim": mean_stat(pooled["ssim_per_image"], s_null, "population_mean")}
+        blend = xs.double().mean(0, keepdim=True).to(xs.dtype).expand(len(result.x), *input_shape)
+        blended = joint_scores(blend, xs, owner)
+        metrics["psnr_participants_mean"] = blended["psnr"]
+        metrics["ssim_participants_mean"] = blended["ssim"]
+        if ys.dtype == torch.long:
+            metrics["label_acc"] = leakage.label_recovery_accuracy(result.labels, ys[ti] if len(ti) < len(ys) else ys)
+        metrics.pop("psnr_per_image", None)
+        metrics.pop("ssim_per_image", None)
+        return metrics
+
+    def joint_training(self, ctx: AttackContext, participants: list[int]) -> AggregateTraining:
+        """The participants' local training as the server knows it, for a joint reconstruction."""
+        extra = ctx.extra or {}
+        parts = []
+        for h in participants:
+            local, count, n = self.local_training(ctx, h)
+            w = _per_hospital(extra.get("weights"), h) if isinstance(extra.get("weights"), dict) else None
+            parts.append(Participant(int(h), local, count, float(n if w is None else w)))
+        return AggregateTraining(parts)
+
     def observe(self, server_round: int, updates: dict[int, torch.Tensor] | None, aggregate: torch.Tensor,
                 global_params: torch.Tensor, ctx: AttackContext) -> dict:
         rounds = _as_list(self.target_round)
         if rounds is not None and server_round not in rounds:
             return {}
-        extra = ctx.extra or {}
         if updates is None:
             if self.on_secure_aggregation == "skip":
                 return {"blocked_by_secure_aggregation": 1.0}
-            targets = [None]
-        else:
-            wanted = _as_list(self.target_hospital)
-            targets = [h for h in (wanted if wanted is not None else sorted(updates)) if h in updates]
+            return self.observe_aggregate(server_round, aggregate, global_params, ctx)
+        extra = ctx.extra or {}
+        wanted = _as_list(self.target_hospital)
+        targets = [h for h in (wanted if wanted is not None else sorted(updates)) if h in updates]
         out: dict = {}
         for hospital in targets:
-            key_h = hospital if hospital is not None else (_as_list(self.target_hospital) or [0])[0]
-            update = aggregate if hospital is None else updates[hospital]
-            truth = _per_hospital(extra.get("truth"), key_h)
+            update = updates[hospital]
+            truth = _per_hospital(extra.get("truth"), hospital)
             model = resolve_model(ctx)
             shape = _resolve_input_shape(ctx, truth)
-            local, num_images, n = self.local_training(ctx, key_h)
+            local, num_images, n = self.local_training(ctx, hospital)
             seed = ctx.generator if ctx.generator is not None else self.seed
             result = self.reconstruct(model, global_params, update, shape, num_images, local, seed)
             metrics = {"seconds": result.seconds, "objective": result.objective, "num_images": num_images,
-                       "num_samples": n, "local_steps": local.steps,
-                       "on_aggregate": 1.0 if hospital is None else 0.0}
+                       "num_samples": n, "local_steps": local.steps, "on_aggregate": 0.0}
             if truth is not None:
-                metrics.update(self.score(result, truth, shape, population_mean(extra.get("truth"), key_h, shape)))
-                out_dir = extra.get("out_dir")
-                if self.save_grid and out_dir is not None and len(shape) == 3:
-                    from fedsec.attacks import leakage
-
-                    ri, ti = leakage.match_reconstructions(result.x, truth.x)
-                    where = "aggregate" if hospital is None else f"hospital{hospital}"
-                    path = Path(out_dir) / f"inversion_{self.name}_round{server_round}_{where}.png"
-                    titles = [f"{v:.1f} dB" for v in leakage.psnr(result.x[ri], truth.x[ti], reduction="none")]
-                    self.artifacts.append(leakage.save_grid(truth.x[ti], result.x[ri], path, titles))
-            prefix = "" if len(targets) == 1 else f"h{key_h}/"
+                metrics.update(self.score(result, truth, shape, population_mean(extra.get("truth"), hospital, shape)))
+                self._save_grid(result, truth.x, shape, extra, f"round{server_round}_hospital{hospital}")
+            prefix = "" if len(targets) == 1 else f"h{hospital}/"
             out.update({prefix + k: v for k, v in metrics.items()})
         return out
+
+    def participants(self, ctx: AttackContext) -> list[int]:
+        """Who is behind the aggregate: ``ctx.participants``, else every hospital the
+        framework reports a sample count (or, failing that, a truth batch) for."""
+        if ctx.participants:
+            return [int(h) for h in ctx.participants]
+        extra = ctx.extra or {}
+        for source in (extra.get("weights"), extra.get("num_samples"), extra.get("truth")):
+            if isinstance(source, dict) and source:
+                return sorted(int(h) for h in source)
+        raise FedsecError(f"{self.name}: under secure aggregation the attack needs the participants "
+                          "(ctx.participants or ctx.extra['num_samples'] as {hospital: n})")
+
+    def observe_aggregate(self, server_round: int, aggregate: torch.Tensor, global_params: torch.Tensor,
+                          ctx: AttackContext) -> dict:
+        """Secure aggregation: the honest attack. One dummy batch holds every participant's
+        records (``count`` each); each participant's local SGD is re-run on its own slice and
+        the simulated updates are combined with the aggregation weights, to match the observed
+        aggregate. Scored against every participant (:meth:`score_joint`)."""
+        extra = ctx.extra or {}
+        hospitals = self.participants(ctx)
+        truth_all = extra.get("truth")
+        truths = {h: _per_hospital(truth_all, h) for h in hospitals}
+        first = next((t for t in truths.values() if t is not None), None)
+        model = resolve_model(ctx)
+        shape = _resolve_input_shape(ctx, first)
+        local = self.joint_training(ctx, hospitals)
+        seed = ctx.generator if ctx.generator is not None else self.seed
+        result = self.reconstruct(model, global_params, aggregate, shape, local.count, local, seed)
+        metrics = {"seconds": result.seconds, "objective": result.objective, "num_images": local.count,
+                   "num_samples": int(sum(p.weight for p in local.parts)), "local_steps": local.steps,
+                   "on_aggregate": 1.0}
+        if all(t is not None for t in truths.values()):
+            metrics.update(self.score_joint(result, truths, shape, truth_all if isinstance(truth_all, dict) else None))
+            if len(shape) == 3:
+                pooled = torch.cat([truths[h].x for h in hospitals])
+                self._save_grid(result, pooled, shape, extra, f"round{server_round}_aggregate")
+        return metrics
+
+    def _save_grid(self, result: InversionResult, truth_x: torch.Tensor, shape, extra: dict, where: str) -> None:
+        out_dir = extra.get("out_dir")
+        if not (self.save_grid and out_dir is not None and len(shape) == 3):
+            return
+        from fedsec.attacks import leakage
+
+        ri, ti = leakage.match_reconstructions(result.x, truth_x)
+        path = Path(out_dir) / f"inversion_{self.name}_{where}.png"
+        titles = [f"{v:.1f} dB" for v in leakage.psnr(result.x[ri], truth_x[ti], reduction="none")]
+        self.artifacts.append(leakage.save_grid(truth_x[ti], result.x[ri], path, titles))
+
+
+class _Pooled:
+    """The participants' records pooled (``x``, ``y``) for the tabular scorer."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+
+def joint_scores(recon: torch.Tensor, truth: torch.Tensor, owner: torch.Tensor) -> dict:
+    """Reconstructions ``[R, C, H, W]`` against the pooled true records ``[T, C, H, W]`` of
+    several participants (``owner[T]``: each record's hospital), paired by the optimal
+    assignment on PSNR (scipy's ``linear_sum_assignment``). -> ``psnr`` / ``ssim`` (mean over
+    the ``images_scored = min(R, T)`` matched records), ``psnr_by_hospital`` (mean per
+    participant, over its matched records), ``hospitals_scored``, the per-image values and
+    ``matched`` (the matched truth indices, ascending)."""
+    from fedsec.attacks import leakage
+
+    ri, ti = leakage.match_reconstructions(recon, truth)
+    rec, ref = recon[ri], truth[ti].to(recon.dtype)
+    p = leakage.psnr(rec, ref, reduction="none").clamp(max=100.0)
+    q = leakage.ssim(rec, ref, reduction="none")
+    who = owner[ti]
+    by = {int(h): float(p[who == h].mean()) for h in torch.unique(who).tolist()}
+    return {"psnr": float(p.mean()), "ssim": float(q.mean()), "images_scored": int(len(ti)),
+            "psnr_by_hospital": by, "hospitals_scored": len(by), "psnr_per_image": p.numpy(),
+            "ssim_per_image": q.numpy(), "matched": ti}
 
 
 def population_mean(truth, hospital, shape) -> torch.Tensor | None:

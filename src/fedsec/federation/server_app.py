@@ -658,7 +658,9 @@ class FedsecStrategy(FedAvg):
             aggregate = weighted_mean(received, rnd.weights)
         for p in plans:
             ctx = AttackContext(rnd.number, None, p.hospitals, self.num_hospitals, self.server_task, rnd.generator,
-                                extra=self._observer_extra())
+                                extra={**self._observer_extra(),  # + the aggregation weights (sent in the clear)
+                                       "weights": dict(zip(rnd.hospitals, rnd.weights.tolist()))},
+                                participants=list(rnd.hospitals))
             merge_attack_metrics(self._train_info["attack"], p.attack.observe(rnd.number, seen, aggregate,
                                                                               rnd.global_params, ctx) or {})
 
