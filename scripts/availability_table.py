@@ -60,17 +60,17 @@ def read_sweep(folder: Path, attacker: str = "va") -> tuple[list[dict], list[int
     return rows, sorted(seeds)
 
 
-def fmt(values: list, digits: int = 3) -> str:
+def fmt(values: list, digits: int = 3, missing_word: str = "never") -> str:
     vals = [v for v in values if v is not None]
     if not vals:
-        return "never"
+        return missing_word
     mean = statistics.fmean(vals)
     low, high = t_interval(vals)
     text = f"{mean:.{digits}f}"
     if low is not None and high - low > 10 ** -digits:
         text += f" [{low:.{digits}f}, {high:.{digits}f}]"
     missing = len(values) - len(vals)
-    return text + (f" ({missing} never)" if missing else "")
+    return text + (f" ({missing} {missing_word})" if missing else "")
 
 
 def write_table(rows: list[dict], out: Path, seeds: list[int], attacker: str = "va", title: str = "") -> str:
@@ -97,7 +97,7 @@ def write_table(rows: list[dict], out: Path, seeds: list[int], attacker: str = "
             lines.append(f"| {attack} | {policy} | {fmt([r['rounds_lost'] for r in sel], 1)} | "
                          f"{fmt([r['simulated_to_target_s'] for r in sel], 1)} | "
                          f"{fmt([r['simulated_time_s'] for r in sel], 1)} | {fmt([r['auroc'] for r in sel])} | "
-                         f"{fmt([r['auroc_attacker'] for r in sel])} | "
+                         f"{fmt([r['auroc_attacker'] for r in sel], missing_word='undefined')} | "
                          f"{', '.join(statuses)} |")
     table = "\n".join(lines) + "\n"
     (out / "availability.md").write_text(table)
