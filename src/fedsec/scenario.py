@@ -180,7 +180,7 @@ TAXONOMY: dict[str, tuple[str, ...]] = {
 # Keys of an attack entry the framework itself interprets; everything else goes to the attack.
 ATTACK_FRAMEWORK_KEYS = ("preset", "attack", "hospitals", "fraction", "rounds", "only_when_selected",
                          "description", "threat")
-STRATEGY_FRAMEWORK_KEYS = ("preset", "rule", "description", "flower")
+STRATEGY_FRAMEWORK_KEYS = ("preset", "rule", "description", "flower", "server_momentum", "server_lr")
 
 
 
@@ -900,6 +900,12 @@ def _validate_strategy(s: Scenario, n: int | None, malicious: int, err, rekey) -
     except ScenarioError as e:
         rekey(e, "")
     options = {k: v for k, v in spec.items() if k not in STRATEGY_FRAMEWORK_KEYS}
+    try:
+        from fedsec.strategies.server_momentum import ServerMomentum
+
+        ServerMomentum.from_spec(spec)  # strategy.server_momentum / server_lr: the server's step
+    except ScenarioError as e:
+        err(e.key, e.detail)
     try:
         rule = make_rule(name, **options)
     except ScenarioError as e:

@@ -136,6 +136,10 @@ class FedsecStrategy(FedAvg):
         self.hospital_of: dict[int, int] = {}  # node id -> hospital id
         self.malicious = all_malicious(plans)
         self.rule = self._make_rule()
+        from fedsec.strategies.server_momentum import ServerMomentum
+
+        self.server_momentum = ServerMomentum.from_spec(scenario.strategy)  # None: apply the aggregate as is
+        self.drift_cumulative = 0.0  # sum over the rounds of the record's drift.along_minus_std
         self._global: ArrayRecord | None = None
         self._round_t0 = 0.0
         self._train_info: dict = {}
@@ -170,6 +174,8 @@ class FedsecStrategy(FedAvg):
             "attacks": [{"index": p.index, "name": p.name, "state": p.attack.state_dict()} for p in self.plans],
             "central_dp": self.central_dp.state_dict() if self.central_dp is not None else None,
             "buffered": self._buffered_state() if self.buffered else None,
+            "server_momentum": self.server_momentum.state_dict() if self.server_momentum is not None else None,
+            "drift": {"cumulative": self.drift_cumulative},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -201,6 +207,13 @@ class FedsecStrategy(FedAvg):
                               + ("does not use it" if buffered is not None else "uses it"))
         if buffered is not None:
             self._load_buffered_state(buffered)
+        momentum = state.get("server_momentum")
+        if (momentum is None) != (self.server_momentum is None):
+            raise FedsecError("checkpoint: written " + ("with" if momentum is not None else "without")
+                              + " strategy.server_momentum, this scenario " + ("has it" if momentum is None else "has none"))
+        if momentum is not None:
+            self.server_momentum.load_state_dict(momentum)
+        self.drift_cumulative = float((state.get("drift") or {}).get("cumulative", 0.0))
 
     @contextlib.contextmanager
     def _server_rng(self, r: int):
@@ -215,7 +228,9 @@ class FedsecStrategy(FedAvg):
     def _make_rule(self):
         spec = dict(self.scenario.strategy)
         name = spec.get("rule", "fedavg")
-        options = {k: v for k, v in spec.items() if k not in ("preset", "rule", "description", "flower")}
+        from fedsec.scenario import STRATEGY_FRAMEWORK_KEYS
+
+        options = {k: v for k, v in spec.items() if k not in STRATEGY_FRAMEWORK_KEYS}
         if name == "fedavg" and not options:
             return None  # Flower's own FedAvg aggregation
         from fedsec.strategies.rules import make_rule
@@ -695,7 +710,23 @@ class FedsecStrategy(FedAvg):
             agg, flagged, info = res.update, res.flagged, res.info
         self._train_info["defense"] = {"flagged": [self._name(rnd.hospitals[i]) for i in flagged],
                                        **{k: v for k, v in (info or {}).items() if isinstance(v, (int, float, str))}}
+        self.record_drift(rnd, agg)
         return agg
+
+    def record_drift(self, rnd: ServerRound, agg: torch.Tensor) -> None:
+        """Step 7b. The round record's ``drift``: the rule's aggregate minus the benign mean,
+        projected on ALIE's direction -std of the benign rows (fedsec.strategies.drift), and
+        ``cumulative``, its running sum over the rounds. Benign = hospitals no attack names
+        (simulation knowledge). Not under secure aggregation (no individual rows)."""
+        if rnd.aggregate_only:
+            return
+        from fedsec.strategies.drift import drift_along_minus_std
+
+        malicious = set(self.malicious)
+        drift = drift_along_minus_std(rnd.updates, [i for i, h in enumerate(rnd.hospitals) if h not in malicious], agg)
+        if drift is not None:
+            self.drift_cumulative += drift["along_minus_std"]
+            self._train_info["drift"] = {**drift, "cumulative": self.drift_cumulative}
 
     def add_noise(self, rnd: ServerRound, update: torch.Tensor) -> torch.Tensor:
         """Step 8. Central DP's Gaussian noise on the aggregated update (Tensor[d] -> Tensor[d])
@@ -710,7 +741,11 @@ class FedsecStrategy(FedAvg):
     def apply(self, rnd: ServerRound, update: torch.Tensor) -> ArrayRecord:
         """Step 9. global + update -> the new global model (integer buffers keep the global
         model's values). Records ``update_norm``: the L2 norm of new global - old global over
-        the float entries, as applied (after the cast to the model's dtypes)."""
+        the float entries, as applied (after the cast to the model's dtypes). With
+        ``strategy.server_momentum`` / ``server_lr`` the update goes through the server's
+        momentum first (fedsec.strategies.server_momentum: v <- beta v + update, step eta v)."""
+        if self.server_momentum is not None:
+            update = self.server_momentum.step(update)
         state = unflatten_state(rnd.global_params + update.to(rnd.global_params.dtype), rnd.template)
         applied = flatten_state(state).double() - rnd.global_params.double()
         self._train_info["update_norm"] = float(torch.linalg.vector_norm(applied))

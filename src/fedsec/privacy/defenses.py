@@ -20,7 +20,9 @@ from fedsec.errors import FedsecError
 def _rule(scenario):
     spec = scenario.strategy if isinstance(scenario.strategy, dict) else {"rule": scenario.strategy}
     name = spec.get("rule", "fedavg")
-    options = {k: v for k, v in spec.items() if k not in ("preset", "rule", "description", "flower")}
+    from fedsec.scenario import STRATEGY_FRAMEWORK_KEYS
+
+    options = {k: v for k, v in spec.items() if k not in STRATEGY_FRAMEWORK_KEYS}
     if name == "fedavg" and not options:
         return None
     from fedsec.strategies.rules import make_rule
