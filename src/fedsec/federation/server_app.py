@@ -122,6 +122,16 @@ class ServerTask:
         return self._task
 
 
+def _same_part(saved, present: bool, what: str,
+               words: tuple[str, str, str, str] = ("with", "without", "has it", "has none")) -> None:
+    """A checkpoint's optional part (central DP, buffered policy, server momentum) must be there
+    exactly when this scenario has it: otherwise a FedsecError naming the key."""
+    if (saved is not None) != bool(present):
+        with_, without, has, has_not = words
+        raise FedsecError(f"checkpoint: written {with_ if saved is not None else without} {what}, "
+                          f"this scenario {has if saved is None else has_not}")
+
+
 class FedsecStrategy(FedAvg):
     def __init__(self, scenario, hospitals: list[str], plans: list[AttackPlan], server_task: ServerTask,
                  run_dir=None, on_round: Callable[[dict], None] | None = None, round_offset: int = 0):
@@ -195,22 +205,16 @@ class FedsecStrategy(FedAvg):
         for p, a in zip(self.plans, attacks):
             p.attack.load_state_dict(a["state"])
         dp = state.get("central_dp")
-        if (dp is None) != (self.central_dp is None):
-            raise FedsecError("checkpoint: written " + ("with" if dp is not None else "without")
-                              + " privacy.central_dp, this scenario " + ("has it" if dp is None else "has none"))
+        _same_part(dp, self.central_dp is not None, "privacy.central_dp")
         if dp is not None:
             self.central_dp.load_state_dict(dp)
         buffered = state.get("buffered")
-        if (buffered is None) != (not self.buffered):
-            raise FedsecError("checkpoint: written " + ("under" if buffered is not None else "without")
-                              + " federation.participation.policy 'buffered', this scenario "
-                              + ("does not use it" if buffered is not None else "uses it"))
+        _same_part(buffered, self.buffered, "federation.participation.policy 'buffered'",
+                   ("under", "without", "uses it", "does not use it"))
         if buffered is not None:
             self._load_buffered_state(buffered)
         momentum = state.get("server_momentum")
-        if (momentum is None) != (self.server_momentum is None):
-            raise FedsecError("checkpoint: written " + ("with" if momentum is not None else "without")
-                              + " strategy.server_momentum, this scenario " + ("has it" if momentum is None else "has none"))
+        _same_part(momentum, self.server_momentum is not None, "strategy.server_momentum")
         if momentum is not None:
             self.server_momentum.load_state_dict(momentum)
         self.drift_cumulative = float((state.get("drift") or {}).get("cumulative", 0.0))
