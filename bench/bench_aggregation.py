@@ -28,6 +28,7 @@ import sys
 import time
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as fedsec.cli sets it for every run (before torch loads)
 # numpy's BLAS (Flower's distance matrices) would otherwise start one thread per core and,
 # on a busy machine, spin; both sides get one thread, as torch does below.
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):

@@ -16,9 +16,18 @@ is a path.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
+
+# PyTorch's CPU allocator puts tensors of 2 MB and more on transparent huge pages when this
+# is set before torch is imported (c10's THP_MEM_ALLOC_ENABLE). The server's Tensor[n, d] of
+# replies is the case it is for: 200 MB at 50 x 1M, written once a round into fresh memory,
+# where 4 KB page faults were most of the unpacking (0.20-0.30 s -> 0.11-0.12 s,
+# bench/bench_aggregation.py; docs/defenses.md). Numbers are unchanged: only where the memory
+# lies. Ray's workers inherit it; a user's own value wins.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from fedsec.errors import FedsecError
 

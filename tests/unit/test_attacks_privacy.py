@@ -363,6 +363,28 @@ def test_tabular_inversion_observe_reports_feature_errors(tmp_path):
     assert metrics["label_acc"] == 1.0
 
 
+def test_tabular_inversion_scores_against_the_population_mean_record(tmp_path):
+    """The null: the mean record of the other hospitals, scored the same way (hand-computed);
+    an exact recovery beats it with a paired effect below 0 on the error."""
+    torch.manual_seed(0)
+    model = nn.Linear(13, 2)
+    x, y = torch.randn(1, 13), torch.tensor([1])
+    others = torch.randn(5, 13) * 0.5 + 1.0
+    update = local_update(model, x, y, lr=0.05, steps=1)
+    ctx = _ctx(model, Split(x, y), tmp_path, 0.05, 1)
+    ctx.extra["truth"] = {3: Split(x, y), 0: Split(others[:2], torch.tensor([0, 1])),
+                          1: Split(others[2:], torch.tensor([0, 1, 0]))}
+    m = inversion.TabularInversionAttack(target_hospital=3, target_round=2, tol=0.01).observe(
+        2, {3: update}, update, flat_params(model), ctx)
+    null = (others.double().mean(0) - x.double()).abs()
+    assert m["mean_abs_error_null"] == pytest.approx(float(null.mean()), rel=1e-6)  # the mean record in float32
+    assert m["records_recovered"] == 1 and m["records_recovered_null"] == 0
+    st = m["stats"]["mean_abs_error"]
+    assert st["null_kind"] == "population_mean" and st["effect"] == pytest.approx(m["mean_abs_error"] - float(null.mean()))
+    assert st["effect"] < -0.5
+    assert m["stats"]["records_recovered"]["value"] == 1.0 and m["stats"]["records_recovered"]["null"] == 0.0
+
+
 def test_tabular_inversion_under_secure_aggregation_scores_every_participant():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(13, 16), nn.ReLU(), nn.Linear(16, 2))

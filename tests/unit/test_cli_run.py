@@ -262,3 +262,21 @@ def test_deploy_data_maps_each_hospital_to_its_partition(tmp_path):
     repo = Path(__file__).resolve().parents[2]
     got = _hospital_data(str(repo / "scenarios" / "quickstart.yaml"), [], [f"hungary={tmp_path}"])
     assert got == {1: str(tmp_path.resolve())}
+
+
+# ---- the process the CLI runs in -------------------------------------------------------------
+
+@pytest.mark.parametrize("given,expected", [(None, "1"), ("0", "0")])
+def test_cli_puts_large_tensors_on_huge_pages_before_torch_loads(given, expected):
+    """fedsec.cli sets c10's THP_MEM_ALLOC_ENABLE before torch is imported (the server's
+    Tensor[n, d] of replies; docs/defenses.md), and leaves a user's own value alone."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if given is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = given
+    code = ("import os, sys; import fedsec.cli; assert 'torch' not in sys.modules; "
+            "print(os.environ['THP_MEM_ALLOC_ENABLE'])")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected

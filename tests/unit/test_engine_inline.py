@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
@@ -248,3 +248,34 @@ def test_inline_backend_has_flowers_backend_interface():
             assert list(inspect.signature(ours).parameters) == list(inspect.signature(theirs).parameters), name
         else:
             assert isinstance(ours, property), name
+
+
+def test_hospitals_in_the_servers_process_reuse_its_scenario_which_equals_the_parsed_text():
+    """The in-process engine's hospitals take the server's Scenario instead of parsing its
+    text again; exact only because parsing the text gives back an equal Scenario, for every
+    shipped scenario. The hospitals get a copy: what one changes the server never sees."""
+    import glob
+
+    from fedsec.federation import client_app
+    from fedsec.scenario import parse_yaml_text
+
+    checked = 0
+    for path in sorted(glob.glob(str(QUICKSTART.parent / "*.yaml"))):
+        s = load_scenario(path)
+        assert load_scenario(parse_yaml_text(s.to_yaml(), path)) == s, path
+        checked += 1
+    assert checked >= 10
+
+    s = load_scenario(QUICKSTART)
+    text = s.to_yaml()
+    client_app.remember_scenario(text, s)
+    client_app._CACHE.clear()
+    try:
+        context = Context(run_id=1, node_id=1, node_config={"partition-id": 1}, state=RecordDict(), run_config={})
+        got, _task, _plans, hospital, _ = client_app.load_context(ConfigRecord({"scenario": text}), context)
+        assert got == s and got is not s and hospital == 1
+        got.federation.rounds = 99
+        assert s.federation.rounds != 99
+    finally:
+        client_app._PARSED.clear()
+        client_app._CACHE.clear()

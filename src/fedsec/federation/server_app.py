@@ -1004,12 +1004,16 @@ def serve(grid: Grid, scenario, hospitals: list[str] | None = None, run_dir=None
         # Flower's in-memory (simulation) grid polls for replies every 0.1 s; with two
         # exchanges per round that polling was most of a small task's per-round cost.
         grid.pull_interval = min(float(grid.pull_interval), 0.01)
+    from fedsec.federation.client_app import remember_scenario
+
+    remember_scenario(scenario_text, scenario)  # for hospitals in this process (in-process engine)
     mapping, sizes = introduce_nodes(grid, scenario_text, n, scenario.federation.timeout_s)
     if task is None:
         from fedsec.tasks import NodesTask
 
         if _pool_feature_stats(scenario, sizes):
             scenario_text = scenario.to_yaml()  # every hospital now standardises with the pooled statistics
+            remember_scenario(scenario_text, scenario)
         model_task = NodesTask.from_introductions(scenario, sizes)
         hospitals = model_task.hospitals if hospitals is None else hospitals
     else:
