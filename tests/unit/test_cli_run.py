@@ -280,3 +280,24 @@ def test_cli_puts_large_tensors_on_huge_pages_before_torch_loads(given, expected
             "print(os.environ['THP_MEM_ALLOC_ENABLE'])")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == expected
+
+
+def test_a_run_does_not_load_the_sweep_and_report_modules_and_a_closed_pipe_is_no_traceback():
+    import subprocess
+    import sys
+
+    code = ("import sys; from fedsec.cli import main; rc = main(['validate', %r]); "
+            "print(rc, 'fedsec.sweep' in sys.modules, 'fedsec.analysis.report' in sys.modules)" % QUICKSTART)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-3:] == ["0", "False", "False"]
+    args = parse_args(build_parser(), ["sweep", QUICKSTART, "--parallel", "2"])  # the full parser still
+    assert args.parallel == 2
+
+    # `fedsec list | head -1`: the reader closes the pipe early
+    proc = subprocess.Popen([sys.executable, "-m", "fedsec.cli", "list"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert "Traceback" not in err
