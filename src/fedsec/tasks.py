@@ -116,7 +116,7 @@ class TaskSpec:
 
 
 # Options every task takes, applied after the data is built.
-_GENERIC_OPTIONS = {"max_train_per_hospital": "cap on each hospital's training records (e.g. 1 for inversion)",
+_GENERIC_OPTIONS = {"max_train_per_hospital": "cap on each hospital's training records, a draw seeded by the scenario's seed (e.g. 1 for inversion)",
                     "val_fraction": "share of each hospital's training records set aside as its validation split "
                                     "(stratified, never trained on; the strongest-attack selection reads it)"}
 
@@ -262,6 +262,25 @@ def split_validation(train: list, fraction, seed: int, hospital_ids: list[int] |
     return kept, val
 
 
+def cap_training(train: list, limit: int, seed: int, hospital_ids: list[int] | None = None) -> list:
+    """Each hospital keeps ``limit`` of its training records, drawn with the scenario's seed
+    (and the hospital's id): every cell of a sweep with that seed keeps the same records, and
+    ten seeds give an inversion study ten different patients per hospital, not the first
+    record of the file ten times."""
+    import numpy as np
+
+    out = []
+    for i, split in enumerate(train):
+        n = len(split)
+        if n <= limit:
+            out.append(split.subset(np.arange(n)))
+            continue
+        h = hospital_ids[i] if hospital_ids is not None else i
+        rng = np.random.default_rng([int(seed), 8191, h])
+        out.append(split.subset(np.sort(rng.permutation(n)[:limit])))
+    return out
+
+
 def build_task(scenario, hospital_ids: list[int] | None = None) -> Task:
     """hospital_ids: the federation's ids of the hospitals the data holds, when it holds not
     all of them (a deployment node holding only its own partition): the per-hospital draws
@@ -277,7 +296,7 @@ def build_task(scenario, hospital_ids: list[int] | None = None) -> Task:
         # e.g. 1 for a hospital whose update comes from a single patient (inversion studies)
         if not isinstance(limit, int) or limit < 1:
             raise FedsecError(f"task.options.max_train_per_hospital: expected an integer >= 1, got {limit!r}")
-        data.train = [s.subset(range(min(limit, len(s)))) for s in data.train]
+        data.train = cap_training(data.train, limit, scenario.seed, hospital_ids)
     from fedsec.attacks.membership import holdout_fraction_of, reserve_holdout
 
     fraction = holdout_fraction_of(scenario)

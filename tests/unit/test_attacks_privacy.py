@@ -397,6 +397,9 @@ def test_tabular_inversion_under_secure_aggregation_scores_every_participant():
                                                                                 flat_params(model), ctx)
     assert m["on_aggregate"] == 1.0 and m["participants"] == 2 and m["num_images"] == 2
     assert m["records_total"] == 2 and len(m["feature_abs_error"]) == 13
+    # the null: each record against the other participant's record (its hospital left out)
+    assert m["mean_abs_error_null"] == pytest.approx(float((x[0] - x[1]).abs().mean()), rel=1e-6)
+    assert m["stats"]["mean_abs_error"]["null_kind"] == "population_mean"
 
 
 # --- membership inference ---------------------------------------------------------------------

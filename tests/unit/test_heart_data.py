@@ -196,3 +196,30 @@ def test_heart_flamby_scenario_has_flamby_s_benchmark_settings():
     with pytest.raises(DataError, match="task.options.preprocessing"):
         build_task(load_scenario(Path(__file__).resolve().parents[2] / "scenarios" / "heart_flamby.yaml",
                                  ["task.options.preprocessing=FLamby"]))
+
+
+def test_a_training_cap_is_a_seeded_draw_per_hospital():
+    """task.options.max_train_per_hospital keeps a draw seeded by (seed, hospital id): the
+    same records for the same seed, others for another seed (an inversion study over seeds
+    sees different patients), and a deployment node draws the simulation's record."""
+    from fedsec.scenario import load_scenario
+    from fedsec.tasks import build_task
+
+    spec = {"task": {"name": "heart_disease", "model": "logistic", "options": {"max_train_per_hospital": 1}}}
+    full = build_task(load_scenario({"task": {"name": "heart_disease", "model": "logistic"}})).data
+
+    def kept(seed, **more):
+        return [s.x for s in build_task(load_scenario(dict(spec, seed=seed, **more))).data.train]
+
+    a, again, b = kept(0), kept(0), kept(1)
+    assert [len(x) for x in a] == [1, 1, 1, 1]
+    assert all(torch.equal(x, y) for x, y in zip(a, again))
+    assert sum(not torch.equal(x, y) for x, y in zip(a, b)) >= 3
+    for h, x in enumerate(a + b):
+        assert (full.train[h % 4].x == x).all(1).any()  # one of that hospital's own training records
+    # the node standardises with its own statistics: compare which row it kept
+    site = {"sites": ["switzerland"]}
+    own = build_task(load_scenario(dict(spec, seed=1, federation=site)), [2]).data.train[0].x
+    own_full = build_task(load_scenario({"task": spec["task"] | {"options": {}}, "federation": site}), [2]).data
+    row = lambda x, rows: int((rows == x).all(1).nonzero()[0, 0])  # noqa: E731
+    assert row(own, own_full.train[0].x) == row(b[2], full.train[2].x)

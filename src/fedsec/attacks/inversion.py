@@ -968,7 +968,10 @@ class GradientInversionAttack(Attack):
         owner = torch.cat([torch.full((len(truths[h]),), int(h), dtype=torch.long) for h in hospitals])
         metrics = {"participants": len(hospitals), "images_total": int(len(xs))}
         if len(input_shape) != 3:
-            metrics.update(self.score(result, _Pooled(xs, ys), input_shape))
+            source = all_truth if all_truth is not None else truths
+            rows = [population_mean(source, h, input_shape) for h in owner.tolist()]
+            null = torch.stack(rows) if rows and all(r is not None for r in rows) else None
+            metrics.update(self.score(result, _Pooled(xs, ys), input_shape, null))
             return metrics
         xs = xs.reshape(len(xs), *input_shape).to(result.x.dtype)
         pooled = joint_scores(result.x, xs, owner)
@@ -1242,8 +1245,9 @@ class TabularInversionAttack(GradientInversionAttack):
 
     def score(self, result, truth, input_shape, population=None) -> dict:
         """Errors in standardised units after matching. ``population``: ``[F]`` mean record of
-        the other hospitals (the null: a server that knows only the population "reconstructs"
-        it); then ``mean_abs_error_null`` / ``records_recovered_null`` and ``stats`` with
+        the other hospitals, or ``[T, F]`` one per truth record (a joint attack's pooled truth,
+        each record's own hospital left out) — the null: a server that knows only the
+        population "reconstructs" it; then ``mean_abs_error_null`` / ``records_recovered_null`` and ``stats`` with
         paired bootstrap CIs over the records: ``mean_abs_error`` (lower = more leakage) and
         ``records_recovered`` as the *share* of records recovered within ``tol``."""
         from fedsec.attacks import leakage
@@ -1258,7 +1262,9 @@ class TabularInversionAttack(GradientInversionAttack):
             ri, ti = leakage.match_reconstructions(result.x, truth.x, metric="mse")
             ref = truth.x.detach().double().cpu()[ti]
             err = (result.x.detach().double().cpu()[ri] - ref).abs()
-            null = (population.double().reshape(1, -1).expand_as(ref) - ref).abs()
+            pop = population.detach().double().cpu()
+            pop = pop[ti] if pop.dim() == 2 else pop.reshape(1, -1).expand_as(ref)
+            null = (pop - ref).abs()
             hit, null_hit = (err.max(1).values <= self.tol).double(), (null.max(1).values <= self.tol).double()
             metrics["mean_abs_error_null"] = float(null.mean())
             metrics["records_recovered_null"] = int(null_hit.sum())
