@@ -49,16 +49,21 @@ def cells(folder: Path) -> list[dict]:
     return out
 
 
+def finished_cells(folder: Path) -> list[dict]:
+    """:func:`cells`, or exit naming the folder when none has finished."""
+    rows = cells(folder)
+    if not rows:
+        raise SystemExit(f"{folder}: no finished cell")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("sweep", help="a sweep folder of sweeps/integrity_*.yaml")
     ap.add_argument("--rows", default="attacks")
     ap.add_argument("--cols", default="strategy")
     args = ap.parse_args()
-    folder = Path(args.sweep)
-    rows = cells(folder)
-    if not rows:
-        raise SystemExit(f"{folder}: no finished cell")
+    rows = finished_cells(Path(args.sweep))
     rlabels = list(dict.fromkeys(r["values"][args.rows] for r in rows))
     clabels = list(dict.fromkeys(r["values"][args.cols] for r in rows))
     seeds = sorted({r["seed"] for r in rows})

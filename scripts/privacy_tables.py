@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from integrity_tables import cells, fmt  # noqa: E402
+from integrity_tables import finished_cells, fmt  # noqa: E402
 
 
 def _stat(rows: list[dict], metric: str, field: str) -> list[float]:
@@ -84,11 +84,7 @@ def inversion_table(rows: list[dict], defenses: list[str]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("sweep", help="a sweep folder of sweeps/privacy_*.yaml")
-    args = ap.parse_args()
-    folder = Path(args.sweep)
-    rows = cells(folder)
-    if not rows:
-        raise SystemExit(f"{folder}: no finished cell")
+    rows = finished_cells(Path(ap.parse_args().sweep))
     defenses = list(dict.fromkeys(r["values"]["defense"] for r in rows))
     seeds = sorted({r["seed"] for r in rows})
     probe = {r["values"].get("probe") for r in rows}
