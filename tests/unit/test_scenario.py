@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fedsec.cli import main
 from fedsec.errors import ScenarioError
@@ -129,3 +130,28 @@ def test_cli_exit_code_2_without_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "federation.rounds" in err and "Traceback" not in err
     assert main(["validate", str(QUICKSTART)]) == 0
+
+
+def test_to_dict_equals_omegaconfs_conversion_for_every_shipped_scenario():
+    """Scenario.to_dict uses dataclasses.asdict (fast); it must give what OmegaConf's
+    structured conversion gives; tuples become lists, so the YAML dump always works."""
+    import glob
+
+    from omegaconf import OmegaConf
+
+    checked = 0
+    for path in sorted(glob.glob(str(ROOT / "scenarios" / "*.yaml"))):
+        s = load_scenario(path)
+        via_omegaconf = OmegaConf.to_container(OmegaConf.structured(s), resolve=True)
+        assert s.to_dict() == via_omegaconf, path
+        # the same text too (key order): digests and run-folder names do not change
+        assert s.to_yaml() == yaml.safe_dump(via_omegaconf, sort_keys=False), path
+        checked += 1
+    assert checked >= 10
+    s = load_scenario(QUICKSTART)
+    s.task.options = {"feature_stats": {"mean": (0.5, 1.5)}}
+    s.federation.sites = ("cleveland", "hungary")
+    d = s.to_dict()
+    assert d["task"]["options"]["feature_stats"]["mean"] == [0.5, 1.5] and d["federation"]["sites"] == ["cleveland", "hungary"]
+    # (OmegaConf keeps a tuple inside an untyped option as a tuple, which yaml.safe_dump refuses)
+    assert yaml.safe_load(s.to_yaml()) == d
