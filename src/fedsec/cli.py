@@ -385,7 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     from fedsec.runner import RunFailed
 
     try:
-        return args.fn(args)
+        code = args.fn(args)
+        if argv is None and args.command == "run":  # the `fedsec` process itself, not a caller's
+            _leave_without_teardown(code)
+        return code
     except RunFailed as err:
         print(f"fedsec: {err}", file=sys.stderr)
         return 1
@@ -401,6 +404,33 @@ def main(argv: list[str] | None = None) -> int:
             print("fedsec: interrupted; finished rounds are kept (resume with --resume RUN_DIR)", file=sys.stderr)
         _exit_if_stuck(code)
         return code
+
+
+def _leave_without_teardown(code: int) -> None:
+    """After a finished in-process `fedsec run`: run the exit handlers, flush, and end the
+    process without the interpreter's teardown of torch's modules, which took 0.5-1 s here (more
+    than the quickstart's five rounds). Every results file is written and closed by then
+    (atomic writes; rounds.jsonl closed by the run). Not when Ray was loaded: its processes
+    get the normal exit; and not for a failed run (its exception path returns normally)."""
+    if "ray" in sys.modules or any(t.is_alive() and not t.daemon for t in _threads()):
+        return
+    import atexit
+    import logging
+
+    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)  # CPython's own (logging, weakref finalizers)
+    if run_exit_handlers is not None:
+        run_exit_handlers()
+    else:
+        logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _threads():
+    import threading
+
+    return [t for t in threading.enumerate() if t is not threading.main_thread()]
 
 
 def _exit_if_stuck(code: int) -> None:

@@ -301,3 +301,30 @@ def test_a_run_does_not_load_the_sweep_and_report_modules_and_a_closed_pipe_is_n
     err = proc.stderr.read().decode()
     proc.wait(timeout=60)
     assert "Traceback" not in err
+
+
+def test_the_fedsec_process_leaves_without_teardown_and_every_results_file_is_complete(tmp_path):
+    """`fedsec run` (in-process engine) ends with os._exit after the exit handlers: the
+    results folder must be whole (summary, every round, the manifest's files, the figures)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    code = ("import sys, fedsec.cli as c; left = []; c.os._exit = lambda rc: (left.append(rc), sys.exit(rc)); "
+            "rc = c.main(); print('returned', rc)")
+    # argv=None as the console script calls it; os._exit is wrapped to see that it was taken
+    proc = subprocess.run([sys.executable, "-c", code, "run", QUICKSTART, "engine.name=inline", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "returned" not in proc.stdout  # it left through os._exit, not by returning
+    summary = json.loads((out / "summary.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert summary["status"] == manifest["status"] == "completed"
+    assert len((out / "rounds.jsonl").read_text().splitlines()) == summary["rounds"] == 5
+    assert all((out / f).exists() for f in manifest["files"])
+    # the real console script, end to end: exit code 0, the same files
+    out2 = tmp_path / "run2"
+    proc = subprocess.run([sys.executable, "-m", "fedsec.cli", "run", QUICKSTART, "engine.name=inline", "--out",
+                           str(out2)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "results:" in proc.stdout
+    assert json.loads((out2 / "summary.json").read_text())["final"] == summary["final"]
