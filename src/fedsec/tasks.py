@@ -116,7 +116,8 @@ class TaskSpec:
 
 
 # Options every task takes, applied after the data is built.
-_GENERIC_OPTIONS = {"max_train_per_hospital": "cap on each hospital's training records, a draw seeded by the scenario's seed (e.g. 1 for inversion)",
+_GENERIC_OPTIONS = {"max_train_per_hospital": "cap on each hospital's training records, a draw seeded by the "
+                                              "scenario's seed (e.g. 1 for inversion)",
                     "val_fraction": "share of each hospital's training records set aside as its validation split "
                                     "(stratified, never trained on; the strongest-attack selection reads it)"}
 

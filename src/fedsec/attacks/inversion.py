@@ -1247,8 +1247,8 @@ class TabularInversionAttack(GradientInversionAttack):
         """Errors in standardised units after matching. ``population``: ``[F]`` mean record of
         the other hospitals, or ``[T, F]`` one per truth record (a joint attack's pooled truth,
         each record's own hospital left out) — the null: a server that knows only the
-        population "reconstructs" it; then ``mean_abs_error_null`` / ``records_recovered_null`` and ``stats`` with
-        paired bootstrap CIs over the records: ``mean_abs_error`` (lower = more leakage) and
+        population "reconstructs" it; then ``mean_abs_error_null``, ``records_recovered_null``
+        and ``stats`` with paired bootstrap CIs over the records: ``mean_abs_error`` (lower = more leakage) and
         ``records_recovered`` as the *share* of records recovered within ``tol``."""
         from fedsec.attacks import leakage
 
