@@ -436,15 +436,15 @@ def _threads():
 def _exit_if_stuck(code: int) -> None:
     """After an interrupt: if a thread of the stopped run is still stuck (a call that never
     returns), exit now rather than wait for it at interpreter exit; the results are written."""
-    import os
-    import threading
     import time
 
+    def stuck() -> bool:
+        return any(t.is_alive() and not t.daemon for t in _threads())
+
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(
-            t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+    while time.monotonic() < deadline and stuck():
         time.sleep(0.1)
-    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+    if stuck():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
