@@ -141,6 +141,32 @@ def test_threat_map_is_generated_from_the_presets():
                                "`python -m fedsec.analysis.report --threat-map docs/threat-model.md`")
 
 
+def test_threat_map_measured_section_reads_strongest_studies(tmp_path):
+    from fedsec.analysis.threat_map import measured_section
+
+    study = {"title": "toy study", "command": "fedsec sweep sweeps/toy.yaml", "candidates": ["a", "b"],
+             "selection_seeds": [0, 1], "report_seeds": [5, 6, 7], "not_measured": {"krum": "n too small"},
+             "by_defense": {
+                 "median": {"winner": "b", "test": {"kind": "asr", "mean": 0.1234, "low": 0.05, "high": 0.2,
+                                                   "n": 3, "detectable": True}},
+                 "flame": {"winner": "a", "test": {"kind": "damage", "mean": 0.01, "low": -0.02, "high": 0.04,
+                                                  "n": 3, "detectable": False}},
+                 "fedavg": {"winner": None, "test": {}}}}
+    (tmp_path / "toy.json").write_text(json.dumps(study))
+    (tmp_path / "not_a_study.json").write_text("{}")
+    lines = measured_section(tmp_path, ["fedavg", "median", "flame", "krum", "bulyan"])
+    text = "\n".join(lines)
+    assert "| defense | toy study |" in text
+    assert "| `median` | `b` **+0.123 [+0.050, +0.200]** (asr, n = 3) |" in lines
+    assert "| `flame` | `a` +0.010 [-0.020, +0.040] (no detectable effect) (damage, n = 3) |" in lines
+    assert "| `fedavg` | — |" in lines
+    assert "Not in this study: `krum` (n too small)." in text
+    assert "selected on seeds 0, 1, reported on seeds 5, 6, 7" in text
+    # presets no study has as a column are named (fedavg, the reference, is not a defense)
+    assert lines[-2] == "- Not yet measured against the strongest attack: `krum`, `bulyan`."
+    assert measured_section(tmp_path / "missing", ["median"]) == []
+
+
 # ---- a real browser ---------------------------------------------------------------------------
 
 CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium")

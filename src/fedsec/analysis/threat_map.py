@@ -4,6 +4,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import yaml
 
 from fedsec.analysis.runs import _attack_cls
@@ -53,6 +56,64 @@ SCENARIO_FILE_THREATS = [
     "| silent changes (duplicate keys or sites, ignored `hospitals`) | errors naming the key |", "",
     "Details and the full list: [scenarios.md](scenarios.md#what-a-scenario-file-may-contain-and-why).", "",
 ]
+
+
+# Measured strongest attacks: `strongest.json` of a strongest-attack sweep (fedsec.analysis.strongest)
+# copied into docs/measured/ with a "title" and the "command" that made it, so that the map can
+# be regenerated from committed files (runs/ is not committed).
+MEASURED_DIR = ("docs", "measured")
+EFFECT_WORDING = {"asr": "ASR above the clean-model floor", "damage": "share of the AUROC skill lost"}
+
+
+def _fmt_effect(test: dict) -> str:
+    text = f"{test['mean']:+.3f} [{test['low']:+.3f}, {test['high']:+.3f}]"
+    return f"**{text}**" if test.get("detectable") else f"{text} (no detectable effect)"
+
+
+def measured_section(folder: Path, strategies: list[str]) -> list[str]:
+    """The "Measured" section: per defense, the strongest attack of each study in ``folder``
+    (``*.json``: a sweep's strongest.json plus ``title``, ``command`` and ``not_measured``:
+    {defense: why it is not a column}) with its test effect
+    and 95% CI; the strategy presets no study measured are named."""
+    studies = []
+    for f in sorted(Path(folder).glob("*.json")) if Path(folder).is_dir() else []:
+        data = json.loads(f.read_text())
+        if isinstance(data.get("by_defense"), dict):
+            studies.append(data)
+    if not studies:
+        return []
+    defenses: list[str] = []
+    for st in studies:
+        defenses += [d for d in st["by_defense"] if d not in defenses]
+    L = ["## Measured: the strongest attack per defense", "",
+         "Each cell: the attack that did the most harm on the validation split of the selection seeds, and its "
+         "effect on the test split of the other seeds, mean [95% CI] (bold: the interval excludes 0). "
+         + "; ".join(f"{k}: {v}" for k, v in EFFECT_WORDING.items()) + ". Details, nulls and per-candidate "
+         "effects: [results.md](results.md#strongest-attack-per-defense).", ""]
+    L.append("| defense | " + " | ".join(st.get("title", "?") for st in studies) + " |")
+    L.append("|---|" + "---|" * len(studies))
+    for d in defenses:
+        cells = []
+        for st in studies:
+            e = st["by_defense"].get(d)
+            test = (e or {}).get("test") or {}
+            if not e or test.get("mean") is None:
+                cells.append("—")
+                continue
+            cells.append(f"`{e['winner']}` {_fmt_effect(test)} ({test.get('kind', '?')}, n = {test.get('n')})")
+        L.append(f"| `{d}` | " + " | ".join(cells) + " |")
+    L.append("")
+    for st in studies:
+        seeds = lambda v: ", ".join(str(x) for x in v) if v else "?"  # noqa: E731
+        L.append(f"- {st.get('title', '?')}: `{st.get('command', '?')}`; candidates "
+                 + ", ".join(f"`{c}`" for c in st.get("candidates", [])) + f"; selected on seeds "
+                 f"{seeds(st.get('selection_seeds'))}, reported on seeds {seeds(st.get('report_seeds'))}."
+                 + "".join(f" Not in this study: `{d}` ({why})." for d, why in (st.get("not_measured") or {}).items()))
+    unmeasured = [s for s in strategies if s != "fedavg" and s not in defenses]
+    if unmeasured:
+        L.append("- Not yet measured against the strongest attack: " + ", ".join(f"`{s}`" for s in unmeasured)
+                 + ".")
+    return L + [""]
 
 
 def threat_map_markdown() -> str:
@@ -193,6 +254,7 @@ def threat_map_markdown() -> str:
                  "(DP-SGD, central DP and secure aggregation are in the schema).")
     L += ["", f"{len(attacks)} attack presets, {len(strategies)} strategy presets "
           f"({sum(1 for s in strategies if s['rule'] != 'fedavg')} robust rules).", ""]
+    L += measured_section(root.joinpath(*MEASURED_DIR), [s["preset"] for s in strategies])
     L += SCENARIO_FILE_THREATS
     del root
     return "\n".join(L)
