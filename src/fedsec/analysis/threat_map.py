@@ -70,6 +70,10 @@ def _fmt_effect(test: dict) -> str:
     return f"**{text}**" if test.get("detectable") else f"{text} (no detectable effect)"
 
 
+def _seeds(v) -> str:
+    return ", ".join(str(x) for x in v) if v else "?"
+
+
 def measured_section(folder: Path, strategies: list[str]) -> list[str]:
     """The "Measured" section: per defense, the strongest attack of each study in ``folder``
     (``*.json``: a sweep's strongest.json plus ``title``, ``command`` and ``not_measured``:
@@ -104,10 +108,9 @@ def measured_section(folder: Path, strategies: list[str]) -> list[str]:
         L.append(f"| `{d}` | " + " | ".join(cells) + " |")
     L.append("")
     for st in studies:
-        seeds = lambda v: ", ".join(str(x) for x in v) if v else "?"  # noqa: E731
         L.append(f"- {st.get('title', '?')}: `{st.get('command', '?')}`; candidates "
                  + ", ".join(f"`{c}`" for c in st.get("candidates", [])) + f"; selected on seeds "
-                 f"{seeds(st.get('selection_seeds'))}, reported on seeds {seeds(st.get('report_seeds'))}."
+                 f"{_seeds(st.get('selection_seeds'))}, reported on seeds {_seeds(st.get('report_seeds'))}."
                  + "".join(f" Not in this study: `{d}` ({why})." for d, why in (st.get("not_measured") or {}).items()))
     unmeasured = [s for s in strategies if s != "fedavg" and s not in defenses]
     if unmeasured:
