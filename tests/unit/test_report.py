@@ -146,6 +146,7 @@ def test_threat_map_measured_section_reads_strongest_studies(tmp_path):
 
     study = {"title": "toy study", "command": "fedsec sweep sweeps/toy.yaml", "candidates": ["a", "b"],
              "selection_seeds": [0, 1], "report_seeds": [5, 6, 7], "not_measured": {"krum": "n too small"},
+             "notes": {"flame": "read it with care."},
              "by_defense": {
                  "median": {"winner": "b", "test": {"kind": "asr", "mean": 0.1234, "low": 0.05, "high": 0.2,
                                                    "n": 3, "detectable": True}},
@@ -160,7 +161,7 @@ def test_threat_map_measured_section_reads_strongest_studies(tmp_path):
     assert "| `median` | `b` **+0.123 [+0.050, +0.200]** (asr, n = 3) |" in lines
     assert "| `flame` | `a` +0.010 [-0.020, +0.040] (no detectable effect) (damage, n = 3) |" in lines
     assert "| `fedavg` | — |" in lines
-    assert "Not in this study: `krum` (n too small)." in text
+    assert "Not in this study: `krum` (n too small). `flame`: read it with care." in text
     assert "selected on seeds 0, 1, reported on seeds 5, 6, 7" in text
     # presets no study has as a column are named (fedavg, the reference, is not a defense)
     assert lines[-2] == "- Not yet measured against the strongest attack: `krum`, `bulyan`."

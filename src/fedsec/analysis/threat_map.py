@@ -76,8 +76,8 @@ def _seeds(v) -> str:
 
 def measured_section(folder: Path, strategies: list[str]) -> list[str]:
     """The "Measured" section: per defense, the strongest attack of each study in ``folder``
-    (``*.json``: a sweep's strongest.json plus ``title``, ``command`` and ``not_measured``:
-    {defense: why it is not a column}) with its test effect
+    (``*.json``: a sweep's strongest.json plus ``title``, ``command``, ``not_measured``:
+    {defense: why it is not a column}, and ``notes``: {defense: how to read its cell}) with its test effect
     and 95% CI; the strategy presets no study measured are named."""
     studies = []
     for f in sorted(Path(folder).glob("*.json")) if Path(folder).is_dir() else []:
@@ -111,7 +111,8 @@ def measured_section(folder: Path, strategies: list[str]) -> list[str]:
         L.append(f"- {st.get('title', '?')}: `{st.get('command', '?')}`; candidates "
                  + ", ".join(f"`{c}`" for c in st.get("candidates", [])) + f"; selected on seeds "
                  f"{_seeds(st.get('selection_seeds'))}, reported on seeds {_seeds(st.get('report_seeds'))}."
-                 + "".join(f" Not in this study: `{d}` ({why})." for d, why in (st.get("not_measured") or {}).items()))
+                 + "".join(f" Not in this study: `{d}` ({why})." for d, why in (st.get("not_measured") or {}).items())
+                 + "".join(f" `{d}`: {why}" for d, why in (st.get("notes") or {}).items()))
     unmeasured = [s for s in strategies if s != "fedavg" and s not in defenses]
     if unmeasured:
         L.append("- Not yet measured against the strongest attack: " + ", ".join(f"`{s}`" for s in unmeasured)
