@@ -7,7 +7,7 @@ per defense"), from its finished cells:
 
 Prints one Markdown table, a row per defense: the no-attack cell's test AUROC and balanced
 accuracy, then every candidate's test effect on the reporting seeds only, paired by seed with
-the same rule's no-attack cell (fedsec.analysis.strongest.effect: the ASR above the clean
+the same rule's no-attack cell (fedsec.analysis.strongest.test_effect: the ASR above the clean
 model's floor for backdoors, else the share of the AUROC skill above chance lost), mean [95%
 Student-t interval]; bold where the interval excludes 0. The last column is the winner chosen
 on the validation split of the selection seeds (strongest.json, written by `fedsec report`).
@@ -20,7 +20,7 @@ import json
 import statistics
 from pathlib import Path
 
-from fedsec.analysis.strongest import _seed_cells, effect, test_floor
+from fedsec.analysis.strongest import _seed_cells, test_effect
 from fedsec.analysis.tables import collect_rows, load_sweep, t_interval
 
 
@@ -74,12 +74,7 @@ def main(argv=None) -> int:
             mine = cells.get((d, a), {})
             effects = []
             for s in sorted(set(mine) & set(seeds), key=str):
-                row, crow = mine[s], clean[s]
-                if row.get("attack.asr") is not None:
-                    e = effect({"asr": test_floor(crow["_dir"], row["_dir"]), "utility": crow.get(args.metric)},
-                               {"asr": row["attack.asr"], "utility": row.get(args.metric)}, args.metric)
-                else:
-                    e = effect({"utility": crow.get(args.metric)}, {"utility": row.get(args.metric)}, args.metric)
+                e = test_effect(mine[s], clean[s], args.metric)
                 if e is not None:
                     effects.append(e)
             out.append(cell_text(effects))

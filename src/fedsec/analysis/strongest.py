@@ -207,6 +207,16 @@ def effect(clean: dict, attacked: dict, metric: str) -> float | None:
     return (u0 - u1) / max(u0 - CHANCE.get(metric, 0.0), MIN_SKILL)
 
 
+def test_effect(row: dict, clean_row: dict, metric: str) -> float | None:
+    """One seed's effect on the test split: a backdoor cell's ASR above the clean cell's floor,
+    else the share of the ``metric`` skill lost against the clean cell (rows of collect_rows)."""
+    asr = row.get("attack.asr")
+    if asr is not None:
+        return effect({"asr": test_floor(clean_row["_dir"], row["_dir"]), "utility": clean_row.get(metric)},
+                      {"asr": asr, "utility": row.get(metric)}, metric)
+    return effect({"utility": clean_row.get(metric)}, {"utility": row.get(metric)}, metric)
+
+
 def select(effects: dict[str, list[float]]) -> tuple[str | None, dict[str, float]]:
     """``{candidate: [effect per seed]}`` -> (winner, mean effect per candidate). The largest mean
     wins; ties go to the first candidate; candidates without numbers cannot win."""
@@ -298,13 +308,7 @@ def strongest(sweep_dir, metric: str = "auroc") -> dict:
             for seed in report:
                 row, crow = mine[seed], clean[seed]
                 utils.append(row.get(metric))
-                asr = row.get("attack.asr")
-                if asr is not None:
-                    attacked = {"asr": asr, "utility": row.get(metric)}
-                    null_asr = test_floor(crow["_dir"], row["_dir"])
-                    e = effect({"asr": null_asr, "utility": crow.get(metric)}, attacked, metric)
-                else:
-                    e = effect({"utility": crow.get(metric)}, {"utility": row.get(metric)}, metric)
+                e = test_effect(row, crow, metric)
                 if e is not None:
                     tests.append(e)
             low, high = t_interval(tests)
