@@ -152,20 +152,41 @@ def test_threat_map_measured_section_reads_strongest_studies(tmp_path):
                                                    "n": 3, "detectable": True}},
                  "flame": {"winner": "a", "test": {"kind": "damage", "mean": 0.01, "low": -0.02, "high": 0.04,
                                                   "n": 3, "detectable": False}},
-                 "fedavg": {"winner": None, "test": {}}}}
+                 "fedavg": {"winner": None, "test": {}},
+                 # per family: one line per family, each with its own winner
+                 "trimmed_mean": {"winner": "a", "test": {"kind": "damage", "mean": 0.02, "low": -0.01,
+                                                         "high": 0.05, "n": 3, "detectable": False},
+                                  "families": {
+                                      "asr": {"winner": "b", "test": {"kind": "asr", "mean": 0.03, "low": 0.01,
+                                                                      "high": 0.05, "n": 3, "detectable": True}},
+                                      "damage": {"winner": "a", "test": {"kind": "damage", "mean": 0.02,
+                                                                         "low": -0.01, "high": 0.05, "n": 3,
+                                                                         "detectable": False}}}}}}
     (tmp_path / "toy.json").write_text(json.dumps(study))
     (tmp_path / "not_a_study.json").write_text("{}")
-    lines = measured_section(tmp_path, ["fedavg", "median", "flame", "krum", "bulyan"])
+    lines = measured_section(tmp_path, ["fedavg", "median", "flame", "trimmed_mean", "krum", "bulyan"])
     text = "\n".join(lines)
     assert "| defense | toy study |" in text
-    assert "| `median` | `b` **+0.123 [+0.050, +0.200]** (asr, n = 3) |" in lines
-    assert "| `flame` | `a` +0.010 [-0.020, +0.040] (no detectable effect) (damage, n = 3) |" in lines
+    assert "| `median` | backdoor: `b` **+0.123 [+0.050, +0.200]** (n = 3) |" in lines
+    assert "| `flame` | untargeted: `a` +0.010 [-0.020, +0.040] (no detectable effect) (n = 3) |" in lines
+    assert ("| `trimmed_mean` | backdoor: `b` **+0.030 [+0.010, +0.050]** (n = 3)<br>untargeted: `a` +0.020 "
+            "[-0.010, +0.050] (no detectable effect) (n = 3) |") in lines
     assert "| `fedavg` | — |" in lines
     assert "Not in this study: `krum` (n too small). `flame`: read it with care." in text
     assert "selected on seeds 0, 1, reported on seeds 5, 6, 7" in text
     # presets no study has as a column are named (fedavg, the reference, is not a defense)
     assert lines[-2] == "- Not yet measured against the strongest attack: `krum`, `bulyan`."
     assert measured_section(tmp_path / "missing", ["median"]) == []
+
+
+def test_markdown_tables_become_html_with_sub_headings_and_bold_intervals():
+    from fedsec.analysis.report import _markdown_html
+
+    html_text = _markdown_html("# Title\n\nSome <text>.\n\n## Per family\n\n| a | b |\n|---|---|\n"
+                               "| median | **+0.1 [+0.0, +0.2]** |\n\n- a bullet\n")
+    assert "Title" not in html_text  # the page's section heading replaces the file's title
+    assert "<h3>Per family</h3>" in html_text and "<p>Some &lt;text&gt;.</p>" in html_text
+    assert "<td><b>+0.1 [+0.0, +0.2]</b></td>" in html_text and "<li>a bullet</li>" in html_text
 
 
 # ---- a real browser ---------------------------------------------------------------------------

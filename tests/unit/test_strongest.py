@@ -164,6 +164,28 @@ def test_strongest_backdoor_effect_is_asr_over_the_clean_floor(tmp_path, monkeyp
     assert e["test"]["effects"] == pytest.approx([0.50 - 0.10, 0.70 - 0.10])  # test ASR - clean-model test floor
 
 
+def test_each_family_gets_its_own_winner_and_test_effect(tmp_path, monkeypatch):
+    """The cross-family winner is an untargeted attack ("loud"), but the backdoor still gets its
+    own row: selected among the backdoors on validation, reported on test against its floor."""
+    sweep_dir = make_fake_strongest(tmp_path)
+    monkeypatch.setattr(st, "_task", lambda *a, **k: pytest.fail("the selection built a task"))
+    res = st.strongest(sweep_dir, "auroc")
+    e = res["by_defense"]["median"]
+    assert e["winner"] == "loud"
+    assert {a: v["family"] for a, v in e["validation"].items()} == {
+        "loud": "damage", "quiet": "damage", "backdoor": "asr"}
+    fams = e["families"]
+    assert fams["damage"]["winner"] == "loud" and fams["damage"]["test"] == e["test"]
+    assert fams["asr"]["winner"] == "backdoor"
+    assert fams["asr"]["validation_mean"] == pytest.approx(((0.20 - 0.05) + (0.30 - 0.05)) / 2)
+    assert fams["asr"]["test"]["kind"] == "asr"
+    assert fams["asr"]["test"]["effects"] == pytest.approx([0.40, 0.60])
+    md = st.strongest_markdown(res)
+    assert "## Per family" in md
+    row = next(line for line in md.splitlines() if line.startswith("| median | backdoor"))
+    assert "+0.500 [" in row and "| loud |" in row
+
+
 def test_select_picks_the_largest_mean_first_on_ties():
     assert st.select({"a": [0.1, 0.3], "b": [0.2, 0.2], "c": []}) == ("a", {"a": 0.2, "b": 0.2})
     assert st.select({"a": [], "b": []})[0] is None

@@ -204,10 +204,13 @@ def _markdown_html(text: str) -> str:
             bullets.append(line[2:])
             continue
         flush()
-        if line.strip() and not line.startswith("#"):
+        if line.startswith("## "):  # a sub-heading (the file's own "# " title is the section's)
+            out.append(f"<h3>{e(line[3:])}</h3>")
+        elif line.strip() and not line.startswith("#"):
             out.append(f"<p>{e(line)}</p>")
     flush()
-    return "".join(out)
+    # Markdown bold (an interval that excludes 0) as <b>; everything else stays escaped text
+    return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", "".join(out))
 
 
 def _page(title: str, meta: str, sections: list[tuple[str, str, str]]) -> str:

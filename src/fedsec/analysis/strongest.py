@@ -19,6 +19,16 @@ cell. Then, per defense:
    Both are shares in [0, 1], so backdoors and degradation attacks compete on one scale. The
    candidate with the largest mean effect over seeds wins (ties: the first in the grid). The
    test split is not read: the task the selection builds has its test splits removed.
+
+   The two scales are not the same quantity, though: a backdoor that lifts the ASR by 0.03 in
+   every seed can lose to a degradation attack that costs 0.05 of the skill in one seed and
+   nothing in the others. So the selection is also made **per family** (``families`` in
+   strongest.json): the strongest *backdoor* (effect: ASR above the floor) and the strongest
+   *untargeted* attack (effect: skill lost), each selected on validation among its own
+   family and reported on test like the overall winner. The overall ``winner`` (the risk
+   matrix's row) is the cross-family maximum; the per-family winners are what the threat map
+   and docs/results.md read, so a defense is not called safe against backdoors because an
+   untargeted attack happened to have a larger mean.
 2. **Reporting (test split).** The winner's effect is measured again in the same way on the
    union of the hospitals' test sets (the ASR from its summary.json, the floor from the
    no-attack model; utilities from the summaries) with a Student-t 95% interval over seeds.
@@ -49,6 +59,10 @@ from fedsec.errors import FedsecError
 
 VALIDATION_FILE = "validation.json"
 MIN_SKILL = 0.05
+# the two effect scales (module docstring): a backdoor's ASR above the floor, any other
+# attack's share of the skill lost; the per-family winners are selected within each
+FAMILIES = {"asr": "backdoor (ASR above the clean-model floor)",
+            "damage": "untargeted (share of the skill above chance lost)"}
 
 
 # --------------------------------------------------------------------------------------
@@ -284,27 +298,30 @@ def strongest(sweep_dir, metric: str = "auroc") -> dict:
         clean = cells.get((d, null), {})
         per_attack: dict[str, list[float]] = {}
         seeds_of: dict[str, list] = {}
+        family_of: dict[str, str] = {}
         # --- selection: validation numbers only ---
         for a in candidates:
             mine = cells.get((d, a), {})
             vals = []
             for seed in paired(mine, clean, sel_seeds):
                 a_dir, c_dir = Path(mine[seed]["_dir"]), Path(clean[seed]["_dir"])
-                e = effect(validation_numbers(c_dir, metric, trigger_of=a_dir),
-                           validation_numbers(a_dir, metric), metric)
+                attacked = validation_numbers(a_dir, metric)
+                family_of[a] = "asr" if attacked.get("asr") is not None else "damage"
+                e = effect(validation_numbers(c_dir, metric, trigger_of=a_dir), attacked, metric)
                 if e is not None:
                     vals.append(e)
             per_attack[a] = vals
             seeds_of[a] = paired(mine, clean, sel_seeds)
         winner, means = select(per_attack)
         entry = {"winner": winner, "validation": {a: {"mean": means.get(a), "n": len(v), "effects": v,
-                                                      "seeds": seeds_of[a]}
+                                                      "seeds": seeds_of[a], "family": family_of.get(a)}
                                                   for a, v in per_attack.items()}}
-        # --- report: the winner on the test split (the reporting seeds only, when given) ---
-        if winner is not None:
-            mine = cells[(d, winner)]
+
+        # --- report: a winner on the test split (the reporting seeds only, when given) ---
+        def report_on_test(w: str) -> dict:
+            mine = cells[(d, w)]
             tests, utils = [], []
-            report = seeds_of[winner] if rep_seeds is None else paired(mine, clean, rep_seeds)
+            report = seeds_of[w] if rep_seeds is None else paired(mine, clean, rep_seeds)
             for seed in report:
                 row, crow = mine[seed], clean[seed]
                 utils.append(row.get(metric))
@@ -314,11 +331,21 @@ def strongest(sweep_dir, metric: str = "auroc") -> dict:
             low, high = t_interval(tests)
             ulow, uhigh = t_interval(utils)
             kind = "asr" if any(mine[s].get("attack.asr") is not None for s in report) else "damage"
-            entry["test"] = {"kind": kind, "effects": tests, "mean": statistics.fmean(tests) if tests else None,
-                             "low": low, "high": high, "n": len(tests), "seeds": report,
-                             "detectable": None if low is None else not (low <= 0.0 <= high),
-                             "utility": statistics.fmean([u for u in utils if u is not None]) if utils else None,
-                             "utility_low": ulow, "utility_high": uhigh}
+            return {"kind": kind, "effects": tests, "mean": statistics.fmean(tests) if tests else None,
+                    "low": low, "high": high, "n": len(tests), "seeds": report,
+                    "detectable": None if low is None else not (low <= 0.0 <= high),
+                    "utility": statistics.fmean([u for u in utils if u is not None]) if utils else None,
+                    "utility_low": ulow, "utility_high": uhigh}
+
+        if winner is not None:
+            entry["test"] = report_on_test(winner)
+        # --- per family: the strongest backdoor and the strongest untargeted attack ---
+        entry["families"] = {}
+        for fam in FAMILIES:
+            fw, _ = select({a: v for a, v in per_attack.items() if family_of.get(a) == fam})
+            if fw is not None:
+                entry["families"][fam] = {"winner": fw, "validation_mean": means.get(fw),
+                                          "test": entry["test"] if fw == winner else report_on_test(fw)}
         result["by_defense"][d] = entry
     return result
 
@@ -374,7 +401,41 @@ def strongest_markdown(res: dict) -> str:
                      f"({t.get('kind', '')}) | {t.get('n', 0)} | {util} | {cands} |")
     separate = res.get("report_seeds") is not None
     lines += ["", *(f"- {describe(d, e, metric, separate)}" for d, e in res["by_defense"].items()), ""]
+    lines += family_table(res)
     return "\n".join(lines)
+
+
+def _ci_text(t: dict) -> str:
+    if t.get("mean") is None:
+        return "-"
+    if t.get("low") is None:
+        return f"{t['mean']:+.3f} (one seed)"
+    text = f"{t['mean']:+.3f} [{t['low']:+.3f}, {t['high']:+.3f}]"
+    return f"**{text}**" if t.get("detectable") else text
+
+
+def family_table(res: dict) -> list[str]:
+    """The strongest backdoor and the strongest untargeted attack per defense, each selected
+    within its own family on validation and reported on test (Markdown lines)."""
+    by = res.get("by_defense") or {}
+    if not any(e.get("families") for e in by.values()):
+        return []
+    head = ["defense"] + [x for fam in FAMILIES for x in (f"strongest {fam_name(fam)}", "test effect [95% CI]")]
+    lines = ["## Per family", "",
+             "The two effect scales are different quantities, so each family also gets its own winner, selected "
+             "on validation within the family: " + "; ".join(FAMILIES.values()) + ". Bold: the interval excludes "
+             "0.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for d, e in by.items():
+        cells = []
+        for fam in FAMILIES:
+            f = (e.get("families") or {}).get(fam)
+            cells += ["-", "-"] if not f else [f["winner"], _ci_text(f.get("test") or {})]
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def fam_name(fam: str) -> str:
+    return FAMILIES[fam].split(" ")[0]
 
 
 def seeds_paragraph(res: dict) -> str:

@@ -62,7 +62,8 @@ SCENARIO_FILE_THREATS = [
 # copied into docs/measured/ with a "title" and the "command" that made it, so that the map can
 # be regenerated from committed files (runs/ is not committed).
 MEASURED_DIR = ("docs", "measured")
-EFFECT_WORDING = {"asr": "ASR above the clean-model floor", "damage": "share of the AUROC skill lost"}
+EFFECT_WORDING = {"backdoor": "ASR above the clean-model floor", "untargeted": "share of the AUROC skill lost"}
+FAMILY_LABEL = {"asr": "backdoor", "damage": "untargeted"}
 
 
 def _fmt_effect(test: dict) -> str:
@@ -90,21 +91,23 @@ def measured_section(folder: Path, strategies: list[str]) -> list[str]:
     for st in studies:
         defenses += [d for d in st["by_defense"] if d not in defenses]
     L = ["## Measured: the strongest attack per defense", "",
-         "Each cell: the attack that did the most harm on the validation split of the selection seeds, and its "
-         "effect on the test split of the other seeds, mean [95% CI] (bold: the interval excludes 0). "
-         + "; ".join(f"{k}: {v}" for k, v in EFFECT_WORDING.items()) + ". Details, nulls and per-candidate "
-         "effects: [results.md](results.md#strongest-attack-per-defense).", ""]
+         "Each cell: per family, the backdoor and the untargeted attack that did the most harm on the validation "
+         "split of the selection seeds (each selected within its family: the two effects are on different "
+         "scales), and its effect on the test split of the other seeds, mean [95% CI] (bold: the interval "
+         "excludes 0). " + "; ".join(f"{k}: {v}" for k, v in EFFECT_WORDING.items()) + ". Details, nulls and "
+         "per-candidate effects: [results.md](results.md#strongest-attack-per-defense).", ""]
     L.append("| defense | " + " | ".join(st.get("title", "?") for st in studies) + " |")
     L.append("|---|" + "---|" * len(studies))
     for d in defenses:
         cells = []
         for st in studies:
-            e = st["by_defense"].get(d)
-            test = (e or {}).get("test") or {}
-            if not e or test.get("mean") is None:
-                cells.append("—")
-                continue
-            cells.append(f"`{e['winner']}` {_fmt_effect(test)} ({test.get('kind', '?')}, n = {test.get('n')})")
+            e = st["by_defense"].get(d) or {}
+            # per family when the study has it (fedsec.analysis.strongest.FAMILIES), else the one winner
+            picks = ([(FAMILY_LABEL.get(k, k), f) for k, f in e["families"].items()] if e.get("families")
+                     else [(FAMILY_LABEL.get((e.get("test") or {}).get("kind"), "?"), e)])
+            parts = [f"{label}: `{f['winner']}` {_fmt_effect(f['test'])} (n = {f['test'].get('n')})"
+                     for label, f in picks if (f.get("test") or {}).get("mean") is not None]
+            cells.append("<br>".join(parts) if parts else "—")
         L.append(f"| `{d}` | " + " | ".join(cells) + " |")
     L.append("")
     for st in studies:
