@@ -160,6 +160,23 @@ def test_untrained_model_auroc_ci_includes_half(seed):
     assert early["ci"] is None and early["value"] == pytest.approx(out["stats"]["auroc_mean"]["value"])
 
 
+def test_label_stratified_auroc_weights_each_label_by_its_pairs():
+    """A skewed hospital: label 1 has 4 members and 4 non-members with scores that do not
+    separate them (AUROC 0.5 within the label); label 0 has 2 members and ONE non-member, which
+    happens to score lowest (AUROC 1.0 within the label). Pairs of the same label: 16 and 2, so
+    the stratified AUROC is (0.5 * 16 + 1.0 * 2) / 18 = 5/9, not the unweighted (0.5 + 1.0) / 2."""
+    s_in = np.array([1.0, 4.0, 5.0, 8.0, 0.5, 0.6])
+    s_out = np.array([2.0, 3.0, 6.0, 7.0, 0.1])  # label 1: members win 0 + 2 + 2 + 4 = 8 of 16 pairs
+    y_in, y_out = np.array([1, 1, 1, 1, 0, 0]), np.array([1, 1, 1, 1, 0])
+    sets = {0: {"s_in": s_in, "s_out": s_out, "n_in": s_in * 0, "n_out": s_out * 0, "y_in": y_in, "y_out": y_out}}
+    plain, stats = membership.mia_stats(sets, seed=0, n_boot=20)
+    assert plain["auroc_stratified_h0"] == pytest.approx(5 / 9)
+    assert stats["auroc_stratified_mean"]["value"] == pytest.approx(5 / 9)
+    # the untrained null (all scores tied) is exactly 0.5 in every resample
+    assert stats["auroc_stratified_mean"]["null"] == pytest.approx(0.5)
+    assert stats["auroc_stratified_mean"]["null_ci"] == pytest.approx([0.5, 0.5])
+
+
 def test_membership_effect_ci_excludes_zero_on_an_overfit_model():
     from tests.unit.test_attacks_privacy import _overfit_toy
 
