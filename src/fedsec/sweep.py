@@ -505,6 +505,57 @@ def check_strongest_cells(strongest: dict, scenarios: list) -> None:
                                 "training records aside)", key="task.options.val_fraction")
 
 
+def _rule_sized_by_attackers(scenario) -> str | None:
+    """The rule's name when it takes its f from the scenario's attackers (else None)."""
+    from fedsec.scenario import STRATEGY_FRAMEWORK_KEYS
+    from fedsec.strategies.rules import make_rule
+
+    spec = scenario.strategy if isinstance(scenario.strategy, dict) else {"rule": scenario.strategy}
+    name = spec.get("rule")
+    try:
+        rule = make_rule(name, **{k: v for k, v in spec.items() if k not in STRATEGY_FRAMEWORK_KEYS})
+    except FedsecError:
+        return None  # validation has already reported it
+    sized = getattr(rule, "sized_by_scenario", None)
+    return name if callable(sized) and sized() else None
+
+
+def check_same_defense(cells: list[Cell], scenarios: list, grid: dict) -> None:
+    """A sweep compares each attacked cell with the no-attack cell of the same defense and seed
+    (paired differences, ASR floors, the strongest attack). A rule sized by f (Krum, Multi-Krum,
+    Bulyan, DnC, size-aware, trimmed mean without trim) takes f from the scenario's attackers
+    unless ``strategy.num_malicious`` is set: in the no-attack cell f = 0 (Multi-Krum then
+    averages every update, i.e. it is FedAvg), in the attacked cells f = 2. The two cells
+    would not run the same defense, so the sweep is refused, naming the key to set."""
+    norm = normalize_grid(grid) if not _is_normalized(grid) else grid
+    attack_axes = {k for k, labels in norm.items() if any(_touches_attacks(o) for ovs in labels.values() for o in ovs)}
+    if not attack_axes:
+        return
+    groups: dict[tuple, dict[int, list[str]]] = {}
+    names: dict[tuple, str] = {}
+    for cell, s in zip(cells, scenarios):
+        rule = _rule_sized_by_attackers(s)
+        if rule is None:
+            continue
+        key = tuple((k, v) for k, v in cell.values.items() if k not in attack_axes)
+        f = len(s.malicious_hospitals())
+        labels = groups.setdefault(key, {}).setdefault(f, [])
+        label = ", ".join(f"{k}={cell.values[k]}" for k in sorted(attack_axes) if k in cell.values)
+        if label not in labels:
+            labels.append(label)
+        names[key] = rule
+    for key, by_f in groups.items():
+        if len(by_f) > 1:
+            where = "; ".join(f"f = {f} in {', '.join(labels[:3])}{' ...' if len(labels) > 3 else ''}"
+                              for f, labels in sorted(by_f.items()))
+            defense = ", ".join(f"{k}={v}" for k, v in key) or "the scenario's strategy"
+            raise ScenarioError(
+                f"defense {defense}: rule '{names[key]}' takes f from each cell's attackers ({where}), so the "
+                "no-attack and attacked cells would not run the same defense; set strategy.num_malicious "
+                f"(e.g. {{strategy: {{rule: {names[key]}, num_malicious: {max(by_f)}}}}}) so that every cell "
+                "tolerates the same f", key="strategy.num_malicious")
+
+
 def _touches_attacks(override: str) -> bool:
     key = override.partition("=")[0].strip()
     return key == "attacks" or key.startswith(("attacks[", "attacks."))
@@ -1123,6 +1174,7 @@ def run_sweep(scenario, grid=None, seeds=None, out=None, overrides=None, paralle
     if engine not in ENGINES:
         raise ScenarioError(f"--engine must be one of {', '.join(ENGINES)}, got '{engine}'", file="command line")
     scenarios = validate_cells(scenario, cells, engine, address)
+    check_same_defense(cells, scenarios, grid)
     if strongest:
         check_strongest_cells(strongest, scenarios)
     for key in (rows, cols):

@@ -171,6 +171,38 @@ def test_dry_run_lists_cells(tmp_path, capsys):
     assert not (tmp_path / "s").exists()  # a dry run writes nothing
 
 
+# ---- one defense per column: a rule sized by f gets the same f in every attack row -----------
+
+
+@pytest.mark.parametrize("strategy,refused", [
+    ("dnc", True),                                         # f from the attackers: 0 vs 1
+    ("{rule: trimmed_mean}", True),                        # trim = f: 0 vs 1
+    ("{rule: dnc, num_malicious: 1}", False),
+    ("{rule: trimmed_mean, trim: 1}", False),              # k fixed; f only checks it
+    ("median", False),                                     # not sized by f
+])
+def test_a_rule_sized_by_the_attackers_must_have_one_f_across_the_attack_rows(tmp_path, strategy, refused):
+    grid = {"attacks": {"none": {"attacks": []}, "flip": {"attacks": "sign_flip"}},
+            "strategy": {"rule": {"strategy": strategy}}}
+    run = lambda: sw.run_sweep(str(HEART_SWEEP), grid=grid, seeds="0", out=tmp_path / "s", dry_run=True,  # noqa: E731
+                               stream=None)
+    if not refused:
+        assert len(run()["cells"]) == 2
+        return
+    with pytest.raises(ScenarioError) as info:
+        run()
+    msg = str(info.value)
+    assert info.value.key == "strategy.num_malicious"
+    assert "f = 0 in attacks=none" in msg and "f = 1 in attacks=flip" in msg and "num_malicious: 1" in msg
+    assert not (tmp_path / "s").exists()
+
+
+def test_without_an_attack_axis_the_scenarios_own_f_is_kept(tmp_path):
+    res = sw.run_sweep(str(HEART_SWEEP), grid=["strategy=fedavg,dnc"], seeds="0", out=tmp_path / "s", dry_run=True,
+                       stream=None)
+    assert len(res["cells"]) == 2
+
+
 # ---- a backdoor's null_run: the same seed's no-attack cell ---------------------------------
 
 
@@ -450,9 +482,10 @@ def test_every_shipped_sweep_file_loads_and_each_grid_cell_validates(path):
     typo in a preset, an option or a rule fails here, not hours into a sweep."""
     import math
 
-    from fedsec.sweep import expand, load_sweep_file, validate_cells
+    from fedsec.sweep import check_same_defense, expand, load_sweep_file, validate_cells
 
     sf = load_sweep_file(path)
     cells = expand(sf.grid, (sf.seeds or [0])[:1], list(sf.overrides))
     scenarios = validate_cells(sf.scenario, cells, sf.engine or "auto")
     assert len(scenarios) == len(cells) == math.prod(len(v) for v in sf.grid.values())
+    check_same_defense(cells, scenarios, sf.grid)  # every defense column is one defense

@@ -196,3 +196,10 @@ class FaultTolerantRule(AggregationRule):
         """f for this round."""
         f = self.num_malicious if self.num_malicious is not None else ctx.num_malicious
         return self.int_option("num_malicious", f)
+
+    def sized_by_scenario(self) -> bool:
+        """Whether what the rule computes depends on the scenario's count of attackers: f is left
+        to the scenario (``num_malicious`` unset) and enters the aggregate (not only a check).
+        Then a no-attack run (f = 0) and an attacked run (f = 2) of "the same" rule aggregate
+        differently, and a sweep refuses to compare them (fedsec.sweep.check_same_defense)."""
+        return self.num_malicious is None

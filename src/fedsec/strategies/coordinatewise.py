@@ -207,6 +207,10 @@ class TrimmedMean(FaultTolerantRule):
             raise self.fail(f"option 'beta' must be in [0, 0.5) (the fraction cut from each end), got {beta}")
         self.trim = self.int_option("trim", trim, allow_none=True)
 
+    def sized_by_scenario(self) -> bool:
+        # an explicit trim or beta fixes k; f then only checks it (k >= f)
+        return self.num_malicious is None and self.trim is None and self.beta is None
+
     def trim_count(self, n: int, f: int = 0) -> int:
         """k, the number of values cut from each end of each coordinate when n rows come in
         and f of the hospitals may be Byzantine."""
