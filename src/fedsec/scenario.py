@@ -901,17 +901,21 @@ def _validate_attacks(s: Scenario, n: int | None, err, rekey) -> int:
     return max(len(mal), count_fraction)
 
 
+def strategy_rule(strategy) -> tuple[str | None, dict, dict]:
+    """A scenario's ``strategy`` -> (rule name, the rule's own options, the whole spec)."""
+    spec = strategy if isinstance(strategy, dict) else {"rule": strategy}
+    return spec.get("rule"), {k: v for k, v in spec.items() if k not in STRATEGY_FRAMEWORK_KEYS}, spec
+
+
 def _validate_strategy(s: Scenario, n: int | None, malicious: int, err, rekey) -> None:
     from fedsec.registry import RULES
     from fedsec.strategies.rules import make_rule
 
-    spec = s.strategy if isinstance(s.strategy, dict) else {"rule": s.strategy}
-    name = spec.get("rule")
+    name, options, spec = strategy_rule(s.strategy)
     try:
         RULES.get(name, key="strategy.rule")
     except ScenarioError as e:
         rekey(e, "")
-    options = {k: v for k, v in spec.items() if k not in STRATEGY_FRAMEWORK_KEYS}
     try:
         from fedsec.strategies.server_momentum import ServerMomentum
 

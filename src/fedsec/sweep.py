@@ -507,13 +507,12 @@ def check_strongest_cells(strongest: dict, scenarios: list) -> None:
 
 def _rule_sized_by_attackers(scenario) -> str | None:
     """The rule's name when it takes its f from the scenario's attackers (else None)."""
-    from fedsec.scenario import STRATEGY_FRAMEWORK_KEYS
+    from fedsec.scenario import strategy_rule
     from fedsec.strategies.rules import make_rule
 
-    spec = scenario.strategy if isinstance(scenario.strategy, dict) else {"rule": scenario.strategy}
-    name = spec.get("rule")
+    name, options, _ = strategy_rule(scenario.strategy)
     try:
-        rule = make_rule(name, **{k: v for k, v in spec.items() if k not in STRATEGY_FRAMEWORK_KEYS})
+        rule = make_rule(name, **options)
     except FedsecError:
         return None  # validation has already reported it
     sized = getattr(rule, "sized_by_scenario", None)
