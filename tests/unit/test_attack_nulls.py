@@ -39,6 +39,16 @@ def test_mean_stat_arithmetic_on_a_fixture():
     assert same["effect"] == 0.0 and same["effect_ci"] == [0.0, 0.0] and same["at_floor"] is True
 
 
+def test_one_record_gives_no_interval():
+    # one reconstructed image: every bootstrap resample is that image, so a "CI" would be the
+    # point itself; the entry must say there is no interval rather than claim [x, x]
+    s = nulls.mean_stat([28.1], [17.0], "population_mean")
+    assert s["value"] == pytest.approx(28.1) and s["effect"] == pytest.approx(11.1) and s["n"] == 1
+    assert s["ci"] is None and s["effect_ci"] is None and s["at_floor"] is None
+    assert "no interval" in nulls.describe(s)
+    assert nulls.mean_stat([28.1, 20.0], [17.0, 17.5], "population_mean")["effect_ci"] is not None
+
+
 def test_stat_at_floor_follows_the_ci():
     assert nulls.stat(0.6, 0.5, [0.45, 0.7], [-0.05, 0.2])["at_floor"] is True
     assert nulls.stat(0.6, 0.5, [0.55, 0.7], [0.02, 0.2])["at_floor"] is False

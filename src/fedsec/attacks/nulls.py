@@ -71,6 +71,8 @@ def mean_stat(hits, null_hits, null_kind: str, seed: int = 0, n_boot: int = N_BO
     b = np.asarray(null_hits, dtype=np.float64).reshape(-1)
     if a.size == 0:
         return stat(float("nan"), float("nan"), n=0, null_kind=null_kind)
+    if a.size == 1:  # resampling one record always returns it: a zero-width "interval" is no interval
+        return stat(a.mean(), b.mean() if b.size else float("nan"), n=1, null_kind=null_kind)
     idx = rng_for(seed, a.size).integers(0, a.size, size=(n_boot, a.size))
     va, vb = a[idx].mean(1), b[idx].mean(1) if b.size == a.size else None
     ci = percentile_ci(va)
@@ -217,6 +219,8 @@ def describe(entry: dict, digits: int = 3) -> str:
         text += f", effect {e:+.{digits}f}"
         if ci:
             text += f" [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]"
+        elif entry.get("n") == 1:
+            text += ", one record: no interval (a sweep's is over seeds)"
     text += ")"
     if entry.get("at_floor") is True:
         text += " — at floor: no detectable difference from the null"
