@@ -370,6 +370,14 @@ def versions() -> dict:
     return out
 
 
+def _torch_threads() -> int | None:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return None
+    return int(torch.get_num_threads())
+
+
 def new_manifest(scenario, run_dir: RunDir) -> dict:
     from fedsec.scenario import project_root
 
@@ -382,6 +390,9 @@ def new_manifest(scenario, run_dir: RunDir) -> dict:
         "versions": versions(),
         "git_commit": git_commit(project_root()),
         "host": platform.node(),
+        # the server side's torch threads (a sweep worker's share of the cores; the hospitals
+        # run with engine.num_cpus): recorded because the timings depend on it
+        "torch_threads": _torch_threads(),
         "started_at": utc_now(),
         "ended_at": None,
         "status": "running",

@@ -832,11 +832,34 @@ class _Redirect:
         return False
 
 
-def _cell_worker_main(conn, parent_pid: int, address: str | None, scenario_path: str) -> None:
-    """One worker slot: imports torch/Flower once, runs the cells it is sent, one at a time.
+def worker_threads(slots: int, cpus: int | None = None) -> int:
+    """torch threads for each of ``slots`` cell workers on ``cpus`` cores: an equal share, at
+    least 1.
+
+    A run's server side (evaluation, aggregation, a server-side attack such as gradient
+    inversion) uses torch's default, one thread per core. With two workers on two cores that
+    is four busy threads on two cores, and OpenMP's waiting threads spin: an inversion cell
+    took 333 s at ``--parallel 2`` against 19 s alone (2026-12-02). The hospitals keep their
+    own ``engine.num_cpus`` threads (fedsec.federation.inline.client_process_state)."""
+    if cpus is None:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cpus = os.cpu_count() or 1
+    return max(1, int(cpus) // max(1, int(slots)))
+
+
+def _cell_worker_main(conn, parent_pid: int, address: str | None, scenario_path: str,
+                      threads: int | None = None) -> None:
+    """One worker slot: imports torch/Flower once, runs the cells it is sent, one at a time,
+    with ``threads`` torch threads (:func:`worker_threads`).
     Exits with os._exit: Flower / Ray threads left behind by an interrupted run must not keep
     the process alive (the cell's summary is already written by then)."""
     try:
+        if threads:
+            import torch
+
+            torch.set_num_threads(int(threads))
         _cell_worker_loop(conn, parent_pid, address, scenario_path)
     finally:
         try:
@@ -968,7 +991,8 @@ class _Pool:
     def _start_worker(self, slot: _Slot) -> None:
         parent, child = self.ctx.Pipe()
         slot.worker = self.ctx.Process(target=_cell_worker_main, name=f"fedsec-sweep-worker-{slot.index}",
-                                       args=(child, os.getpid(), slot.address, self.scenario_path))
+                                       args=(child, os.getpid(), slot.address, self.scenario_path,
+                                             worker_threads(len(self.slots))))
         slot.worker.start()
         child.close()
         slot.conn = parent

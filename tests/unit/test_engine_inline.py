@@ -171,6 +171,14 @@ def test_sweep_picks_the_engine_per_cell():
     assert default_parallel([q], cpus=2, engines=["inline"]) == 2 and default_parallel([q], cpus=2) == 1
 
 
+def test_worker_threads_share_the_cores():
+    from fedsec.sweep import worker_threads
+
+    assert worker_threads(2, cpus=2) == 1 and worker_threads(1, cpus=2) == 2
+    assert worker_threads(3, cpus=16) == 5 and worker_threads(4, cpus=2) == 1
+    assert worker_threads(0, cpus=2) == 2  # a nonsense slot count still gives a valid share
+
+
 def test_sweep_runs_small_cells_in_process_with_a_direct_runs_results(tmp_path):
     from fedsec import sweep as sw
 
@@ -180,6 +188,11 @@ def test_sweep_runs_small_cells_in_process_with_a_direct_runs_results(tmp_path):
     assert [c["engine"] for c in res["cells"]] == ["inline", "inline"]
     meta = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
     assert meta["ray_startup_s"] is None  # no Ray head was started
+    # each worker takes its share of the cores (no oversubscription of the server side)
+    want_threads = sw.worker_threads(meta["parallel"])
+    for cell in res["cells"]:
+        manifest = json.loads((tmp_path / "sweep" / cell["path"] / "manifest.json").read_text())
+        assert manifest["torch_threads"] == want_threads
     for cell in res["cells"]:
         direct = tmp_path / f"direct-{cell['values']['strategy']}"
         fedsec.run(QUICKSTART, overrides=cell["overrides"] + ["engine.name=inline"], out=direct, progress=False)
