@@ -841,11 +841,7 @@ def worker_threads(slots: int, cpus: int | None = None) -> int:
     is four busy threads on two cores, and OpenMP's waiting threads spin: an inversion cell
     took 333 s at ``--parallel 2`` against 19 s alone (2026-12-02). The hospitals keep their
     own ``engine.num_cpus`` threads (fedsec.federation.inline.client_process_state)."""
-    if cpus is None:
-        try:
-            cpus = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            cpus = os.cpu_count() or 1
+    cpus = cpus or os.cpu_count() or 1  # the cores as default_parallel and the Ray heads count them
     return max(1, int(cpus) // max(1, int(slots)))
 
 
