@@ -10,6 +10,11 @@ Prints two Markdown tables, mean [95% Student-t interval] over the seeds:
    (no-attack minus attacked balanced accuracy / AUROC, paired by seed), with the number of
    seeds whose own record-level interval put the ASR at its floor.
 Everything is read from the cells' summary.json (attack.stats.asr, attack.main_task_cost).
+
+With ``--paired`` it also prints, for every attack row, the paired loss (no-attack cell minus
+attacked cell, same defense and seed) of balanced accuracy and AUROC, bold where the interval
+excludes 0, and for Krum cells the number of rounds in which Krum applied an attacker's update
+(the attacker is not in that round's ``defense.flagged``), one count per seed.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ def cells(folder: Path) -> list[dict]:
         if f.exists():
             s = json.loads(f.read_text())
             if s.get("status") in ("completed", "completed_with_failures"):
-                out.append({"values": c["values"], "seed": c["seed"], "summary": s})
+                out.append({"values": c["values"], "seed": c["seed"], "summary": s, "dir": folder / c["path"]})
     return out
 
 
@@ -62,6 +67,9 @@ def main() -> None:
     ap.add_argument("sweep", help="a sweep folder of sweeps/integrity_*.yaml")
     ap.add_argument("--rows", default="attacks")
     ap.add_argument("--cols", default="strategy")
+    ap.add_argument("--paired", action="store_true",
+                    help="also the paired losses against the no-attack row and Krum's selections")
+    ap.add_argument("--null-row", default="none", help="the no-attack row's label (default none)")
     args = ap.parse_args()
     rows = finished_cells(Path(args.sweep))
     rlabels = list(dict.fromkeys(r["values"][args.rows] for r in rows))
@@ -94,6 +102,58 @@ def main() -> None:
                   f"{fmt([c['balanced_accuracy']['cost'] for c in cost], True)} | "
                   f"{fmt([c['auroc']['cost'] for c in cost], True)} | "
                   f"{sum(bool(s.get('at_floor')) for s in st)}/{len(st)} |")
+    if args.paired:
+        paired(Path(args.sweep), rows, args, rlabels, clabels)
+
+
+def krum_selections(row: dict) -> int:
+    """Rounds in which Krum kept an attacker's update: a hospital attacking in that round (its
+    ``attackers`` window) that is absent from the round's ``defense.flagged``."""
+    attackers = row["summary"].get("attackers") or []
+    n = 0
+    for line in (row["dir"] / "rounds.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        active = {h for a in attackers if a["rounds"][0] <= r["round"] <= a["rounds"][1]
+                  for h in a["hospitals"]}
+        flagged = set((r.get("defense") or {}).get("flagged") or [])
+        n += bool(flagged) and bool(active - flagged)
+    return n
+
+
+def paired(folder: Path, rows: list[dict], args, rlabels: list[str], clabels: list[str]) -> None:
+    base = {(r["values"][args.cols], r["seed"]): r["summary"]["final"] for r in rows
+            if r["values"][args.rows] == args.null_row}
+
+    def cell(a: str, d: str, metric: str) -> str:
+        diffs = [base[(d, r["seed"])][metric] - r["summary"]["final"][metric] for r in rows
+                 if r["values"][args.rows] == a and r["values"][args.cols] == d
+                 and (d, r["seed"]) in base]
+        if not diffs:
+            return "-"
+        text = fmt(diffs, signed=True)
+        lo, hi = t_interval(diffs) if len(diffs) > 1 else (None, None)
+        return f"**{text}**" if lo is not None and (lo > 0 or hi < 0) else text
+
+    for metric, name in (("balanced_accuracy", "balanced accuracy"), ("auroc", "AUROC")):
+        print(f"\nPaired loss of {name}: no-attack cell minus attacked cell, same defense and seed "
+              "(positive = the attack cost; bold: the interval excludes 0)\n")
+        print(f"| {args.rows} | " + " | ".join(clabels) + " |")
+        print("|---|" + "---|" * len(clabels))
+        for a in rlabels:
+            if a != args.null_row:
+                print(f"| {a} | " + " | ".join(cell(a, d, metric) for d in clabels) + " |")
+    krum = [d for d in clabels if "krum" in d]
+    for d in krum:
+        print(f"\nRounds in which `{d}` applied an attacker's update, seeds in order\n")
+        print("| attack | rounds (per seed) | of |\n|---|---|---|")
+        for a in rlabels:
+            if a == args.null_row:
+                continue
+            sel = sorted((r for r in rows if r["values"][args.rows] == a and r["values"][args.cols] == d),
+                         key=lambda r: r["seed"])
+            counts = [krum_selections(r) for r in sel]
+            of = sel[0]["summary"].get("rounds") if sel else "-"
+            print(f"| {a} | {', '.join(map(str, counts))} | {of} |")
 
 
 if __name__ == "__main__":

@@ -39,3 +39,51 @@ def test_every_fedsec_import_resolves(path):
                 except ImportError:
                     missing.append(f"line {line}: {module}.{name}")
     assert not missing, f"{path.relative_to(ROOT)}: " + "; ".join(missing)
+
+
+def _fake_sweep(tmp_path: Path) -> Path:
+    """A sweep folder with a no-attack and an ALIE row under Krum, seeds 0-2, 3 rounds each."""
+    import json
+
+    folder = tmp_path / "sweep"
+    cells = []
+    # balanced accuracy: none 0.80, 0.82, 0.78; alie 0.60, 0.70, 0.58 -> paired losses 0.2, 0.12, 0.2
+    bal = {"none": [0.80, 0.82, 0.78], "alie": [0.60, 0.70, 0.58]}
+    for attack in ("none", "alie"):
+        for seed in range(3):
+            path = f"cells/attacks={attack},seed={seed}"
+            (folder / path).mkdir(parents=True)
+            attackers = ([{"attack": "alie", "hospitals": ["hospital_0", "hospital_1"], "rounds": [2, 3]}]
+                         if attack == "alie" else [])
+            summary = {"status": "completed", "rounds": 3, "attackers": attackers,
+                       "final": {"auroc": 0.9, "balanced_accuracy": bal[attack][seed]}}
+            (folder / path / "summary.json").write_text(json.dumps(summary))
+            # round 1: hospital_0 kept but not attacking yet; round 2: kept while attacking;
+            # round 3: both attackers flagged (only in seed 0 is hospital_1 kept in round 3)
+            flagged = [["hospital_1", "hospital_2"], ["hospital_1", "hospital_2"],
+                       ["hospital_0", "hospital_1"] if seed else ["hospital_0", "hospital_2"]]
+            (folder / path / "rounds.jsonl").write_text("\n".join(
+                json.dumps({"round": i + 1, "defense": {"flagged": f}}) for i, f in enumerate(flagged)))
+            cells.append({"values": {"attacks": attack, "strategy": "krum"}, "seed": seed, "path": path})
+    (folder / "sweep.json").write_text(json.dumps({"cells": cells}))
+    return folder
+
+
+def test_integrity_tables_paired_losses_and_krum_selections(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    sys.modules.pop("integrity_tables", None)
+    import integrity_tables
+
+    folder = _fake_sweep(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["integrity_tables.py", str(folder), "--paired"])
+    integrity_tables.main()
+    out = capsys.readouterr().out
+    # mean paired loss 0.173, t interval [0.059, 0.288] excludes 0: bold
+    assert "| alie | **+0.173 [+0.059, +0.288]** |" in out
+    # AUROC unchanged: loss 0 with a zero-width interval, not bold
+    assert "| alie | +0.000" in out and "**+0.000" not in out
+    # Krum kept an active attacker in round 2 of every seed and in round 3 of seed 0 only;
+    # round 1 (before the attack window) does not count
+    assert "| alie | 2, 1, 1 | 3 |" in out
