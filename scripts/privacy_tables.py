@@ -8,7 +8,8 @@ seeds (each cell's own null is paired with it by construction: same seed, same r
 1. utility and membership inference (cells without a ``probe`` axis, or ``probe=utility``):
    final AUROC and accuracy on the union of the test sets; the loss-threshold attack's mean
    AUROC over hospitals, its null (the same attack on the untrained model), the effect
-   (value - null) and TPR at 1% FPR with its effect; the largest record-level epsilon of any
+   (value - null) and TPR at 1% FPR with its effect (then a second table: the label-stratified
+   AUROC and the TPR at 0.1% FPR, each with its null); the largest record-level epsilon of any
    hospital (DP-SGD) or the hospital-level epsilon (central DP), and its delta;
 2. inversion (``probe=inversion``, or a sweep of an inversion scenario): the attack's metric
    against its null (the population-mean reconstruction): PSNR / SSIM for images, mean
@@ -42,7 +43,8 @@ def _epsilon(rows: list[dict]) -> str:
     eps = [d["epsilon_max"] for d in dp if d and d.get("epsilon_max") is not None]
     if eps:
         deltas = sorted({led.get("delta") for d in dp if d for led in (d.get("ledger") or {}).values()})
-        where = ", ".join(f"{x:.2g}" for x in deltas if x is not None)
+        # hospitals differ by a record or two, so their deltas agree to two figures: print each once
+        where = ", ".join(dict.fromkeys(f"{x:.2g}" for x in deltas if x is not None))
         return f"{fmt(eps, digits=2)} (record, delta {where})"
     cdp = [(r["summary"].get("privacy") or {}).get("central_dp") for r in rows]
     eps = [d.get("epsilon") for d in cdp if d and d.get("epsilon") is not None]
@@ -63,6 +65,18 @@ def utility_table(rows: list[dict], defenses: list[str]) -> None:
               f"{fmt(_stat(sel, 'auroc_mean', 'effect'), True)} | "
               f"{fmt(_stat(sel, 'tpr_at_1pct_fpr', 'value'))} ({fmt(_stat(sel, 'tpr_at_1pct_fpr', 'effect'), True)}) | "
               f"{_epsilon(sel)} |")
+
+
+def membership_detail_table(rows: list[dict], defenses: list[str]) -> None:
+    """The label-stratified AUROC (members and non-members compared within each label) and the
+    TPR at 0.1% FPR, each against the untrained model's value."""
+    print("| defense | label-stratified MIA AUROC | null | effect | TPR @ 0.1% FPR | null | effect |")
+    print("|---|---|---|---|---|---|---|")
+    for d in defenses:
+        sel = [r for r in rows if r["values"]["defense"] == d]
+        parts = [fmt(_stat(sel, m, f), f == "effect")
+                 for m in ("auroc_stratified_mean", "tpr_at_0.1pct_fpr") for f in ("value", "null", "effect")]
+        print(f"| {d} | " + " | ".join(parts) + " |")
 
 
 def inversion_table(rows: list[dict], defenses: list[str]) -> None:
@@ -96,6 +110,9 @@ def main() -> None:
     if utility:
         print("Utility and membership inference\n")
         utility_table(utility, defenses)
+        if any(_stat([r], "auroc_stratified_mean", "value") for r in utility):
+            print("\nMembership inference, label-stratified and at 0.1% FPR\n")
+            membership_detail_table(utility, defenses)
     if inversion:
         print("\nInversion (null: the population-mean reconstruction)\n")
         inversion_table(inversion, defenses)
