@@ -13,8 +13,10 @@ Everything is read from the cells' summary.json (attack.stats.asr, attack.main_t
 
 With ``--paired`` it also prints, for every attack row, the paired loss (no-attack cell minus
 attacked cell, same defense and seed) of balanced accuracy and AUROC, bold where the interval
-excludes 0, and for Krum cells the number of rounds in which Krum applied an attacker's update
-(the attacker is not in that round's ``defense.flagged``), one count per seed.
+excludes 0 (the balanced-accuracy table adds, in brackets, the seeds whose model ends at
+balanced accuracy <= 0.51: one class for every record), and for Krum cells the number of
+rounds in which Krum applied the update of a hospital attacking in that round (absent from
+the round's ``defense.flagged``), one count per seed.
 """
 
 from __future__ import annotations
@@ -103,7 +105,10 @@ def main() -> None:
                   f"{fmt([c['auroc']['cost'] for c in cost], True)} | "
                   f"{sum(bool(s.get('at_floor')) for s in st)}/{len(st)} |")
     if args.paired:
-        paired(Path(args.sweep), rows, args, rlabels, clabels)
+        paired(rows, args, rlabels, clabels)
+
+
+COLLAPSED = 0.51  # balanced accuracy at or below this: the model calls (nearly) every record one class
 
 
 def krum_selections(row: dict) -> int:
@@ -120,7 +125,7 @@ def krum_selections(row: dict) -> int:
     return n
 
 
-def paired(folder: Path, rows: list[dict], args, rlabels: list[str], clabels: list[str]) -> None:
+def paired(rows: list[dict], args, rlabels: list[str], clabels: list[str]) -> None:
     base = {(r["values"][args.cols], r["seed"]): r["summary"]["final"] for r in rows
             if r["values"][args.rows] == args.null_row}
 
@@ -132,11 +137,18 @@ def paired(folder: Path, rows: list[dict], args, rlabels: list[str], clabels: li
             return "-"
         text = fmt(diffs, signed=True)
         lo, hi = t_interval(diffs) if len(diffs) > 1 else (None, None)
-        return f"**{text}**" if lo is not None and (lo > 0 or hi < 0) else text
+        text = f"**{text}**" if lo is not None and (lo > 0 or hi < 0) else text
+        if metric == "balanced_accuracy":
+            collapsed = sum(r["summary"]["final"][metric] <= COLLAPSED for r in rows
+                            if r["values"][args.rows] == a and r["values"][args.cols] == d)
+            text += f" ({collapsed})"
+        return text
 
     for metric, name in (("balanced_accuracy", "balanced accuracy"), ("auroc", "AUROC")):
         print(f"\nPaired loss of {name}: no-attack cell minus attacked cell, same defense and seed "
-              "(positive = the attack cost; bold: the interval excludes 0)\n")
+              "(positive = the attack cost; bold: the interval excludes 0"
+              + ("; in brackets: seeds ending at balanced accuracy <= 0.51" if metric == "balanced_accuracy" else "")
+              + ")\n")
         print(f"| {args.rows} | " + " | ".join(clabels) + " |")
         print("|---|" + "---|" * len(clabels))
         for a in rlabels:

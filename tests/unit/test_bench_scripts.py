@@ -47,8 +47,8 @@ def _fake_sweep(tmp_path: Path) -> Path:
 
     folder = tmp_path / "sweep"
     cells = []
-    # balanced accuracy: none 0.80, 0.82, 0.78; alie 0.60, 0.70, 0.58 -> paired losses 0.2, 0.12, 0.2
-    bal = {"none": [0.80, 0.82, 0.78], "alie": [0.60, 0.70, 0.58]}
+    # balanced accuracy: none 0.80, 0.82, 0.78; alie 0.60, 0.70, 0.50 -> paired losses 0.2, 0.12, 0.28
+    bal = {"none": [0.80, 0.82, 0.78], "alie": [0.60, 0.70, 0.50]}
     for attack in ("none", "alie"):
         for seed in range(3):
             path = f"cells/attacks={attack},seed={seed}"
@@ -80,8 +80,8 @@ def test_integrity_tables_paired_losses_and_krum_selections(tmp_path, capsys, mo
     monkeypatch.setattr(sys, "argv", ["integrity_tables.py", str(folder), "--paired"])
     integrity_tables.main()
     out = capsys.readouterr().out
-    # mean paired loss 0.173, t interval [0.059, 0.288] excludes 0: bold
-    assert "| alie | **+0.173 [+0.059, +0.288]** |" in out
+    # mean paired loss 0.200, t interval [0.001, 0.399] excludes 0: bold; one seed ends at 0.50 (collapsed)
+    assert "| alie | **+0.200 [+0.001, +0.399]** (1) |" in out
     # AUROC unchanged: loss 0 with a zero-width interval, not bold
     assert "| alie | +0.000" in out and "**+0.000" not in out
     # Krum kept an active attacker in round 2 of every seed and in round 3 of seed 0 only;
