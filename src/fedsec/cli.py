@@ -203,6 +203,7 @@ def _mark_interrupted(out, err) -> None:
 
 def cmd_validate(args) -> int:
     from fedsec.scenario import load_scenario
+    from fedsec.sweep import is_sweep_file, load_sweep_file, run_sweep
 
     bad = 0
     paths, overrides = _split_args(args.items)
@@ -210,6 +211,13 @@ def cmd_validate(args) -> int:
         raise FedsecError("give one or more scenario files to validate")
     for p in paths:
         try:
+            if is_sweep_file(p):
+                # a sweep file (sweeps/*.yaml): every grid cell's scenario, checked as `fedsec sweep`
+                # checks it before anything runs; nothing is written
+                res = run_sweep(p, overrides=overrides, dry_run=True, stream=None)
+                print(f"ok       {p} (sweep of {Path(load_sweep_file(p).scenario).name}: "
+                      f"{len(res['cells'])} cell(s), every cell's scenario valid)")
+                continue
             s = load_scenario(p, overrides)
             print(f"ok       {p} ({s.name}: {s.task.name}/{s.task.model}, strategy {s.strategy['rule']}, "
                   f"{len(s.attacks)} attack(s))")

@@ -328,3 +328,25 @@ def test_the_fedsec_process_leaves_without_teardown_and_every_results_file_is_co
                            str(out2)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "results:" in proc.stdout
     assert json.loads((out2 / "summary.json").read_text())["final"] == summary["final"]
+
+
+def test_validate_checks_a_sweep_file_cell_by_cell_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """`fedsec validate sweeps/x.yaml` validates every grid cell as `fedsec sweep` would (a sweep
+    file is not a scenario: it was refused with a misleading 'engine' error), naming the bad
+    key and the first cell that has it; nothing is written."""
+    from fedsec.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    heart = Path(__file__).resolve().parents[2] / "scenarios" / "heart_fedavg.yaml"
+    good = tmp_path / "good.yaml"
+    good.write_text(f"scenario: {heart}\ngrid:\n  strategy:\n    fedavg: {{strategy: fedavg}}\n"
+                    "    median: {strategy: median}\nseeds: 0-2\nengine: inline\n")
+    assert main(["validate", str(good)]) == 0
+    assert "6 cell(s), every cell's scenario valid" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"scenario: {heart}\ngrid:\n  strategy:\n    fedavg: {{strategy: fedavg}}\n"
+                   "    bad: {strategy: {rule: trimmed_mean, trim: -3}}\nseeds: 0-1\n")
+    assert main(["validate", str(bad)]) == 2
+    out = capsys.readouterr().out
+    assert "key 'strategy.trim'" in out and "first in cell strategy=bad,seed=0" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml", "good.yaml"]
