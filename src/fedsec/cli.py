@@ -201,9 +201,27 @@ def _mark_interrupted(out, err) -> None:
           file=sys.stderr)
 
 
+def _may_be_sweep_file(path: str) -> bool:
+    """A cheap look for a top-level ``scenario:`` key, so that validating scenarios does not
+    import the sweep module (a command's start-up cost, tests/unit/test_cli_run.py)."""
+    from fedsec.scenario import MAX_SCENARIO_BYTES
+
+    try:
+        with open(path, "rb") as f:  # no more than a scenario may hold: an oversized file is load_scenario's error
+            head = f.read(MAX_SCENARIO_BYTES).decode("utf-8", errors="replace")
+    except OSError:
+        return False
+    return bool(re.search(r"^scenario\s*:", head, re.M))
+
+
+def _is_sweep_file(path: str) -> bool:
+    from fedsec.sweep import is_sweep_file
+
+    return is_sweep_file(path)
+
+
 def cmd_validate(args) -> int:
     from fedsec.scenario import load_scenario
-    from fedsec.sweep import is_sweep_file, load_sweep_file, run_sweep
 
     bad = 0
     paths, overrides = _split_args(args.items)
@@ -211,9 +229,11 @@ def cmd_validate(args) -> int:
         raise FedsecError("give one or more scenario files to validate")
     for p in paths:
         try:
-            if is_sweep_file(p):
+            if _may_be_sweep_file(p) and _is_sweep_file(p):
                 # a sweep file (sweeps/*.yaml): every grid cell's scenario, checked as `fedsec sweep`
                 # checks it before anything runs; nothing is written
+                from fedsec.sweep import load_sweep_file, run_sweep
+
                 res = run_sweep(p, overrides=overrides, dry_run=True, stream=None)
                 print(f"ok       {p} (sweep of {Path(load_sweep_file(p).scenario).name}: "
                       f"{len(res['cells'])} cell(s), every cell's scenario valid)")
