@@ -20,13 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SCENARIO = ROOT / "scenarios" / "heart_fedavg.yaml"
 
 
-def seeds_arg(text: str) -> list[int]:
-    if "-" in text and "," not in text:
-        a, b = text.split("-")
-        return list(range(int(a), int(b) + 1))
-    return [int(s) for s in text.split(",")]
-
-
 def fmt(values: list[float], signed: bool = False) -> str:
     from fedsec.analysis.tables import t_interval
 
@@ -37,14 +30,18 @@ def fmt(values: list[float], signed: bool = False) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", default="0-9", type=seeds_arg, help="0-9 or 0,1,2 (default 0-9)")
+    ap.add_argument("--seeds", default="0-9", help="0-9 or 0,1,2 (default 0-9)")
     ap.add_argument("--out", default="runs/heart-pooled", type=Path)
     args = ap.parse_args()
     import torch
 
     import fedsec
+    from fedsec.analysis.tables import paired_difference
     from fedsec.baseline import centralised
     from fedsec.scenario import load_scenario
+    from fedsec.sweep import parse_seeds
+
+    args.seeds = parse_seeds(args.seeds)
 
     torch.set_num_threads(1)
     fed, pooled = [], []
@@ -61,12 +58,10 @@ def main() -> None:
     for name, rows in (("FedAvg", fed), ("centralised (pooled data, same code and epochs)", pooled)):
         print(f"| {name} | {fmt([r['accuracy'] for r in rows])} | {fmt([r['auroc'] for r in rows])} |")
     for metric in ("accuracy", "auroc"):
-        diffs = [p[metric] - f[metric] for p, f in zip(pooled, fed)]
-        from fedsec.analysis.tables import t_interval
-
-        lo, hi = t_interval(diffs)
-        verdict = "no detectable difference" if lo <= 0 <= hi else "the interval excludes 0"
-        print(f"pooled minus FedAvg, {metric} (paired by seed): {fmt(diffs, True)}: {verdict}")
+        d = paired_difference([(p[metric], f[metric]) for p, f in zip(pooled, fed)])
+        verdict = "the interval excludes 0" if d["detectable"] else "no detectable difference"
+        print(f"pooled minus FedAvg, {metric} (paired by seed): {d['mean']:+.3f} [{d['low']:+.3f}, "
+              f"{d['high']:+.3f}]: {verdict}")
 
 
 if __name__ == "__main__":

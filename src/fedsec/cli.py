@@ -201,9 +201,10 @@ def _mark_interrupted(out, err) -> None:
           file=sys.stderr)
 
 
-def _may_be_sweep_file(path: str) -> bool:
-    """A cheap look for a top-level ``scenario:`` key, so that validating scenarios does not
-    import the sweep module (a command's start-up cost, tests/unit/test_cli_run.py)."""
+def _is_sweep_file(path: str) -> bool:
+    """A sweep file (fedsec.sweep.is_sweep_file), after a cheap look for a top-level
+    ``scenario:`` line, so that validating scenarios does not import the sweep module (a
+    command's start-up cost, tests/unit/test_cli_run.py)."""
     from fedsec.scenario import MAX_SCENARIO_BYTES
 
     try:
@@ -211,10 +212,8 @@ def _may_be_sweep_file(path: str) -> bool:
             head = f.read(MAX_SCENARIO_BYTES).decode("utf-8", errors="replace")
     except OSError:
         return False
-    return bool(re.search(r"^scenario\s*:", head, re.M))
-
-
-def _is_sweep_file(path: str) -> bool:
+    if not re.search(r"^scenario\s*:", head, re.M):
+        return False
     from fedsec.sweep import is_sweep_file
 
     return is_sweep_file(path)
@@ -229,7 +228,7 @@ def cmd_validate(args) -> int:
         raise FedsecError("give one or more scenario files to validate")
     for p in paths:
         try:
-            if _may_be_sweep_file(p) and _is_sweep_file(p):
+            if _is_sweep_file(p):
                 # a sweep file (sweeps/*.yaml): every grid cell's scenario, checked as `fedsec sweep`
                 # checks it before anything runs; nothing is written
                 from fedsec.sweep import load_sweep_file, run_sweep
